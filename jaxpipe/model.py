@@ -1,0 +1,242 @@
+"""Llama in Flax NNX, written for one pipeline stage of one tensor-parallel shard.
+
+Every function here sees *local* shapes: the decoder layers are one stacked set of parameters with a
+leading layer axis (a stage's slice of the whole stack), attention and MLP weights hold this device's
+heads and columns, and the embedding and lm_head hold this device's rows of the (padded) vocabulary.
+Cross-device sums are named by mesh axis, so the same code runs on one device (axes of size 1) and
+inside ``jax.shard_map`` over a ``stage`` x ``tensor`` mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxpipe.config import LlamaConfig
+
+STAGE_AXIS = "stage"
+TENSOR_AXIS = "tensor"
+# The embedding and lm_head are split by vocabulary rows over every device of the mesh.
+VOCAB_AXES = (STAGE_AXIS, TENSOR_AXIS)
+# Added to masked attention scores; finite so that a row with nothing to attend to stays NaN-free.
+_MASK_VALUE = -1e30
+
+
+class KVCache(NamedTuple):
+    """Keys and values of one stage: ``[layers, rows, kv_heads, positions, head_dim]`` each."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+class StepInputs(NamedTuple):
+    """Where a microbatch's new tokens go in the cache and how they are masked.
+
+    row0: first cache row of the microbatch. cache_pos: cache position of the first new token (0 for
+    prefill). rope_pos: ``[b, t]`` rotary positions. kv_start: ``[b]`` first valid cache position of each
+    row (prompts are left-padded). active: whether this step is real; an inactive step (a pipeline bubble)
+    computes but leaves the cache as it was.
+    """
+
+    row0: jax.Array
+    cache_pos: jax.Array
+    rope_pos: jax.Array
+    kv_start: jax.Array
+    active: jax.Array
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies of the rotary embedding, with linear or llama3 scaling (float32, as transformers)."""
+    d = cfg.head_dim
+    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))))
+    inv = inv.astype(np.float32)
+    rs = cfg.rope_scaling
+    if rs.rope_type == "linear":
+        inv = inv / np.float32(rs.factor)
+    elif rs.rope_type == "llama3":
+        old_len = rs.original_max_position_embeddings
+        low_wavelen = old_len / rs.low_freq_factor
+        high_wavelen = old_len / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
+        smooth = (old_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm with float32 statistics, cast back before the weight (as transformers does)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * y.astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [b, t, heads, d]`` by the half-split convention transformers' Llama uses."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos = jnp.concatenate([cos, cos], axis=-1)[:, :, None, :].astype(x.dtype)
+    sin = jnp.concatenate([sin, sin], axis=-1)[:, :, None, :].astype(x.dtype)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum("...i,io->...o", x, w)
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers of a stage, each parameter stacked along a leading layer axis."""
+
+    def __init__(self, cfg: LlamaConfig, num_layers: int, *, dtype=jnp.float32, rngs: nnx.Rngs,
+                 q_size: int | None = None, kv_size: int | None = None,
+                 intermediate_size: int | None = None) -> None:
+        self.cfg = cfg
+        h, n = cfg.hidden_size, num_layers
+        q = q_size or cfg.q_size
+        kv = kv_size or cfg.kv_size
+        i = intermediate_size or cfg.intermediate_size
+        self.attn_norm = nnx.Param(jnp.ones((n, h), dtype))
+        self.wq = nnx.Param(_normal(rngs, (n, h, q), dtype))
+        self.wk = nnx.Param(_normal(rngs, (n, h, kv), dtype))
+        self.wv = nnx.Param(_normal(rngs, (n, h, kv), dtype))
+        self.wo = nnx.Param(_normal(rngs, (n, q, h), dtype))
+        self.mlp_norm = nnx.Param(jnp.ones((n, h), dtype))
+        self.w_gate = nnx.Param(_normal(rngs, (n, h, i), dtype))
+        self.w_up = nnx.Param(_normal(rngs, (n, h, i), dtype))
+        self.w_down = nnx.Param(_normal(rngs, (n, i, h), dtype))
+        if cfg.attention_bias:
+            self.bq = nnx.Param(jnp.zeros((n, q), dtype))
+            self.bk = nnx.Param(jnp.zeros((n, kv), dtype))
+            self.bv = nnx.Param(jnp.zeros((n, kv), dtype))
+            self.bo = nnx.Param(jnp.zeros((n, h), dtype))
+        if cfg.mlp_bias:
+            self.b_gate = nnx.Param(jnp.zeros((n, i), dtype))
+            self.b_up = nnx.Param(jnp.zeros((n, i), dtype))
+            self.b_down = nnx.Param(jnp.zeros((n, h), dtype))
+
+    def _layer(self, i, x, cache: KVCache, step: StepInputs, cos, sin, prefill: bool, tensor_axis):
+        cfg = self.cfg
+        d = cfg.head_dim
+        b, t, _ = x.shape
+        p = lambda name: getattr(self, name)[...][i]  # noqa: E731  (this layer's slice of a stacked param)
+
+        h = rms_norm(x, p("attn_norm"), cfg.rms_norm_eps)
+        q, k, v = _dot(h, p("wq")), _dot(h, p("wk")), _dot(h, p("wv"))
+        if cfg.attention_bias:
+            q, k, v = q + p("bq"), k + p("bk"), v + p("bv")
+        n_kv = k.shape[-1] // d
+        group = q.shape[-1] // d // n_kv
+        q = apply_rope(q.reshape(b, t, n_kv * group, d), cos, sin)
+        k = apply_rope(k.reshape(b, t, n_kv, d), cos, sin)
+        v = v.reshape(b, t, n_kv, d)
+
+        # Write the new keys/values into this layer's cache rows; a bubble step rewrites the old values.
+        k_new, v_new = k.transpose(0, 2, 1, 3)[None], v.transpose(0, 2, 1, 3)[None]
+        start = (i, step.row0, 0, step.cache_pos, 0)
+        size = (1, b, n_kv, t, d)
+        k_new = jnp.where(step.active, k_new, jax.lax.dynamic_slice(cache.k, start, size))
+        v_new = jnp.where(step.active, v_new, jax.lax.dynamic_slice(cache.v, start, size))
+        cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), start),
+                        jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), start))
+
+        qg = q.reshape(b, t, n_kv, group, d)
+        if prefill:
+            # The cache was empty: attend to the prompt's own keys, causally, skipping the left padding.
+            keys, values = k_new[0], v_new[0]  # [b, kv, t, d]
+            q_pos = jnp.arange(t)[:, None]
+            k_pos = jnp.arange(t)[None, :]
+            valid = (k_pos <= q_pos)[None] & (k_pos >= step.kv_start[:, None, None])  # [b, tq, tk]
+        else:
+            t_cache = cache.k.shape[3]
+            keys = jax.lax.dynamic_slice(cache.k[i], (step.row0, 0, 0, 0), (b, n_kv, t_cache, d))
+            values = jax.lax.dynamic_slice(cache.v[i], (step.row0, 0, 0, 0), (b, n_kv, t_cache, d))
+            k_pos = jnp.arange(t_cache)[None, None, :]
+            q_pos = step.cache_pos + jnp.arange(t)[None, :, None]
+            valid = (k_pos <= q_pos) & (k_pos >= step.kv_start[:, None, None])  # [b, tq, tk]
+        scores = jnp.einsum("bqkgd,bktd->bkgqt", qg, keys.astype(qg.dtype),
+                            preferred_element_type=jnp.float32) * (d ** -0.5)
+        scores = jnp.where(valid[:, None, None], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        attn = jnp.einsum("bkgqt,bktd->bqkgd", probs, values.astype(x.dtype)).reshape(b, t, -1)
+        out = _dot(attn, p("wo"))
+        out = jax.lax.psum(out, tensor_axis) if tensor_axis else out
+        if cfg.attention_bias:
+            out = out + p("bo")
+        x = x + out
+
+        h = rms_norm(x, p("mlp_norm"), cfg.rms_norm_eps)
+        gate, up = _dot(h, p("w_gate")), _dot(h, p("w_up"))
+        if cfg.mlp_bias:
+            gate, up = gate + p("b_gate"), up + p("b_up")
+        out = _dot(jax.nn.silu(gate) * up, p("w_down"))
+        out = jax.lax.psum(out, tensor_axis) if tensor_axis else out
+        if cfg.mlp_bias:
+            out = out + p("b_down")
+        return x + out, cache
+
+    def __call__(self, x: jax.Array, cache: KVCache, step: StepInputs, *, num_layers, prefill: bool,
+                 tensor_axis: str | None = TENSOR_AXIS, unroll: int | bool = 1) -> tuple[jax.Array, KVCache]:
+        """Run the first ``num_layers`` stacked layers (an int, or a traced count for uneven stages).
+
+        Padded layer slots past ``num_layers`` are skipped, not computed.
+        """
+        inv_freq = jnp.asarray(rope_inv_freq(self.cfg))
+        freqs = step.rope_pos.astype(jnp.float32)[..., None] * inv_freq
+        cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+
+        def body(i, carry):
+            return self._layer(i, *carry, step, cos, sin, prefill, tensor_axis)
+
+        if isinstance(num_layers, int):
+            return jax.lax.fori_loop(0, num_layers, body, (x, cache), unroll=unroll)
+        return jax.lax.fori_loop(0, num_layers, body, (x, cache))
+
+
+class Llama(nnx.Module):
+    """Embedding, stacked decoder layers, final norm and lm_head.
+
+    ``vocab_rows`` is the (padded) vocabulary size held by this module: the whole padded vocabulary
+    for the global abstract model, a shard of it inside ``shard_map``.
+    """
+
+    def __init__(self, cfg: LlamaConfig, *, num_layers: int, vocab_rows: int, dtype=jnp.float32,
+                 rngs: nnx.Rngs, kv_size: int | None = None) -> None:
+        self.cfg = cfg
+        self.embed = nnx.Param(_normal(rngs, (vocab_rows, cfg.hidden_size), dtype))
+        self.layers = DecoderLayers(cfg, num_layers, dtype=dtype, rngs=rngs, kv_size=kv_size)
+        self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), dtype))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Param(_normal(rngs, (vocab_rows, cfg.hidden_size), dtype))
+
+    def embed_tokens(self, ids: jax.Array, *, vocab_axes=VOCAB_AXES) -> jax.Array:
+        """Look token ids up in this device's vocabulary rows and sum over the devices holding the rest."""
+        table = self.embed[...]
+        rows = table.shape[0]
+        local = ids - (jax.lax.axis_index(vocab_axes) * rows if vocab_axes else 0)
+        mine = (local >= 0) & (local < rows)
+        x = jnp.where(mine[..., None], jnp.take(table, jnp.clip(local, 0, rows - 1), axis=0), 0)
+        return jax.lax.psum(x, vocab_axes) if vocab_axes else x
+
+    def logits(self, h: jax.Array, *, vocab_axes=VOCAB_AXES) -> jax.Array:
+        """float32 logits over the whole padded vocabulary from final hidden states ``h [..., H]``.
+
+        Each device multiplies by its rows of the lm_head; an all-gather joins the pieces.
+        """
+        head = self.embed[...] if self.cfg.tie_word_embeddings else self.lm_head[...]
+        h = rms_norm(h, self.final_norm[...], self.cfg.rms_norm_eps)
+        local = jnp.einsum("...h,vh->...v", h, head, preferred_element_type=jnp.float32)
+        if vocab_axes:
+            local = jax.lax.all_gather(local, vocab_axes, axis=local.ndim - 1, tiled=True)
+        return local
