@@ -13,6 +13,7 @@ def _default_xla_flags() -> None:
 
 _default_xla_flags()
 
+
 from jaxpipe.llm import LLM  # noqa: E402
 from jaxpipe.outputs import CompletionOutput, Logprob, RequestOutput  # noqa: E402
 from jaxpipe.sampling import SamplingParams  # noqa: E402

@@ -19,6 +19,7 @@ _IGNORED_FIELDS = frozenset({
     "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
     "initializer_range", "pretraining_tp", "pad_token_id", "hidden_act", "attention_dropout",
     "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "tie_encoder_decoder",
+    "_model_name_or_path", "unk_token_id",  # written by transformers for models converted from GGUF
     "is_encoder_decoder", "is_decoder", "add_cross_attention", "chunk_size_feed_forward", "id2label",
     "label2id", "problem_type", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
     "task_specific_params", "finetuning_task", "torchscript", "quantization_config", "cache_implementation",

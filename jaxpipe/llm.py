@@ -18,10 +18,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxpipe import partition
+from jaxpipe import distributed, partition
 from jaxpipe.checkpoint import CheckpointReader, open_checkpoint
 from jaxpipe.engine import Engine, Row, TokenEvent
-from jaxpipe.errors import CheckpointError, JaxpipeError
+from jaxpipe.errors import CheckpointError, JaxpipeError, LayoutError
 from jaxpipe.loading import load_params
 from jaxpipe.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxpipe.detokenize import IncrementalDetokenizer
@@ -87,6 +87,12 @@ class LLM:
         quantization: only ``None`` (weights run in ``dtype``; GGUF files are dequantized).
         steps_per_dispatch: decode steps each slot runs per device dispatch (an on-device loop).
         devices: the devices to use (default: all of ``jax.devices()``, first ones first).
+        coordinator_address, num_processes, process_id: one run over several processes or hosts
+            (``jax.distributed``; default the ``JAXPIPE_COORDINATOR``, ``JAXPIPE_NUM_PROCESSES`` and
+            ``JAXPIPE_PROCESS_ID`` environment variables; see ``jaxpipe.distributed``). Every process
+            creates the ``LLM`` with the same options and calls ``generate`` with the same prompts; each
+            loads only its own devices' weight shards, and ``generate`` returns the same list on every
+            process. Progress bars show on process 0 only.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, tokenizer: str | None = None,
@@ -94,7 +100,9 @@ class LLM:
                  pipeline_parallel_size: int = 1, tensor_parallel_size: int = 1,
                  layer_partition: Sequence[int] | None = None, num_microbatches: int | None = None,
                  max_num_seqs: int = 64, quantization: str | None = None, steps_per_dispatch: int = 16,
-                 devices: Sequence[jax.Device] | None = None, progress: bool = True) -> None:
+                 devices: Sequence[jax.Device] | None = None, progress: bool = True,
+                 coordinator_address: str | None = None, num_processes: int | None = None,
+                 process_id: int | None = None) -> None:
         if quantization is not None:
             raise ValueError(f"quantization={quantization!r} is not supported; jaxpipe runs weights in "
                              "`dtype` (GGUF files are dequantized). Pass quantization=None.")
@@ -105,6 +113,20 @@ class LLM:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if num_microbatches is not None and (not isinstance(num_microbatches, int) or num_microbatches < 1):
             raise ValueError(f"num_microbatches must be a positive integer, got {num_microbatches!r}")
+
+        # Several processes: join the run before anything touches a device, then make sure every process
+        # was started alike (they must issue the same programs in the same order).
+        distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+        if distributed.is_initialized():
+            distributed.check_same_options({
+                "model": None if model is None else os.fspath(model), "tokenizer": tokenizer, "dtype": dtype,
+                "max_model_len": max_model_len, "seed": seed, "pipeline_parallel_size": pipeline_parallel_size,
+                "tensor_parallel_size": tensor_parallel_size,
+                "layer_partition": None if layer_partition is None else [int(c) for c in layer_partition],
+                "num_microbatches": num_microbatches, "max_num_seqs": max_num_seqs,
+                "steps_per_dispatch": steps_per_dispatch})
+            progress = progress and distributed.is_coordinator()
 
         path = default_model_path(progress) if model is None else os.fspath(model)
         self.reader: CheckpointReader = open_checkpoint(path)  # validates files, names and shapes
@@ -121,8 +143,17 @@ class LLM:
         self.layout = partition.make_layout(cfg, pipeline_parallel_size, tensor_parallel_size, layer_partition)
         devices = list(jax.devices() if devices is None else devices)
         self.mesh = partition.make_mesh(self.layout, devices)
+        if distributed.is_initialized():
+            owners = {d.process_index for d in self.mesh.devices.flat}
+            if len(owners) < jax.process_count():
+                raise LayoutError(
+                    f"the layout uses {self.layout.num_devices} devices, on only {len(owners)} of the run's "
+                    f"{jax.process_count()} processes; every process must hold part of the model: use a layout "
+                    f"over all {len(devices)} devices, or fewer processes")
         self.dtype = self._resolve_dtype(dtype)
-        device_bytes = partition.device_memory_bytes(devices[0])
+        # A device of this process (another process's device may not report its memory).
+        device_bytes = partition.device_memory_bytes(next(
+            (d for d in self.mesh.devices.flat if d.process_index == jax.process_index()), devices[0]))
         plan = partition.plan_memory(cfg, self.layout, dtype=self.dtype, max_model_len=min(max_model_len, 256),
                                      batch=1, device_bytes=device_bytes)
         partition.check_fits(plan)  # before a single weight is read
@@ -248,6 +279,7 @@ class LLM:
                   on_text: Callable[[int, int, str], None] | None = None,
                   record_logits: bool = False) -> list[RequestOutput]:
         requests = self._normalize_prompts(prompts)
+        use_tqdm = use_tqdm and distributed.is_coordinator()
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):

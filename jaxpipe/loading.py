@@ -17,18 +17,38 @@ from jaxpipe.config import LlamaConfig
 from jaxpipe.partition import Layout
 from jaxpipe.pipeline import PipelineModel, map_paths
 
+# Model parameters made of several checkpoint tensors: their columns are concatenated shard by shard
+# (see DecoderLayers), so each tensor shard's slice holds its own q, k, v (gate, up) columns.
+FUSED = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"),
+         "w_gate_up": ("w_gate", "w_up"), "b_gate_up": ("b_gate", "b_up")}
 _KV_NAMES = ("wk", "wv", "bk", "bv")
 
 
-class _LastTensor:
-    """Remembers the last tensor read: the shards of one array ask for the same layer one after another."""
+class _LayerTensors:
+    """One model layer's parameter as the stacked array holds it (fused, KV heads replicated as needed).
 
-    def __init__(self, read: Callable[..., np.ndarray]):
-        self._read, self._key, self._value = read, None, None
+    Remembers the last one built: the shards of one array ask for the same layer one after another.
+    """
+
+    def __init__(self, reader: Any, cfg: LlamaConfig, tp: int, kv_sources: list[int]):
+        self.reader, self.tp = reader, tp
+        self.kv_cols = None if len(kv_sources) == cfg.num_kv_heads else _kv_columns(cfg, kv_sources)
+        self._key, self._value = None, None
+
+    def _part(self, name: str, layer: int) -> np.ndarray:
+        w = self.reader.read(name, layer=layer)
+        if self.kv_cols is not None and name in _KV_NAMES:
+            w = w[..., self.kv_cols]
+        return w
 
     def __call__(self, name: str, layer: int) -> np.ndarray:
         if self._key != (name, layer):
-            self._key, self._value = (name, layer), self._read(name, layer=layer)
+            if name in FUSED:
+                parts = [np.split(self._part(n, layer), self.tp, axis=-1) for n in FUSED[name]]
+                value = np.concatenate([p[s] for s in range(self.tp) for p in parts], axis=-1)
+            else:
+                value = self._part(name, layer)
+            self._key, self._value = (name, layer), value
         return self._value
 
 
@@ -42,9 +62,7 @@ def load_params(reader: Any, model: PipelineModel, *, progress: Callable[[str], 
     """Read every parameter from ``reader`` (see docs/DESIGN.md) into ``model``'s shardings."""
     cfg, layout = model.cfg, model.layout
     dtype = np.dtype(model.dtype)
-    kv_cols = _kv_columns(cfg, model.kv_sources)
-    replicated_kv = len(model.kv_sources) != cfg.num_kv_heads
-    layer_reader = _LastTensor(reader.read)
+    layer_reader = _LayerTensors(reader, cfg, layout.tensor_parallel, model.kv_sources)
 
     def build(path: str, abstract) -> jax.Array:
         shape, sharding = abstract.shape, model.param_shardings_flat[path]
@@ -62,10 +80,7 @@ def load_params(reader: Any, model: PipelineModel, *, progress: Callable[[str], 
                     _, layer = layout.stage_of_slot(slot)
                     if layer is None:
                         continue  # padding slot of a shorter stage: zeros, never computed
-                    w = layer_reader(name, layer)
-                    if replicated_kv and name in _KV_NAMES:
-                        w = w[..., kv_cols]
-                    out[j] = w[rest].astype(dtype)
+                    out[j] = layer_reader(name, layer)[rest].astype(dtype)
                 return out
         elif path in ("embed", "lm_head"):
             def cb(index):

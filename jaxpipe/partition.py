@@ -39,19 +39,15 @@ PARAM_SPECS: dict[str, P] = {
     "final_norm": P(None),
     "layers.attn_norm": P(STAGE_AXIS, None),
     "layers.mlp_norm": P(STAGE_AXIS, None),
-    "layers.wq": P(STAGE_AXIS, None, TENSOR_AXIS),
-    "layers.wk": P(STAGE_AXIS, None, TENSOR_AXIS),
-    "layers.wv": P(STAGE_AXIS, None, TENSOR_AXIS),
+    # Fused q|k|v and gate|up: columns grouped shard by shard, so sharding the last axis hands each
+    # tensor shard its own q, k, v (gate, up) columns.
+    "layers.wqkv": P(STAGE_AXIS, None, TENSOR_AXIS),
+    "layers.bqkv": P(STAGE_AXIS, TENSOR_AXIS),
     "layers.wo": P(STAGE_AXIS, TENSOR_AXIS, None),
-    "layers.bq": P(STAGE_AXIS, TENSOR_AXIS),
-    "layers.bk": P(STAGE_AXIS, TENSOR_AXIS),
-    "layers.bv": P(STAGE_AXIS, TENSOR_AXIS),
     "layers.bo": P(STAGE_AXIS, None),
-    "layers.w_gate": P(STAGE_AXIS, None, TENSOR_AXIS),
-    "layers.w_up": P(STAGE_AXIS, None, TENSOR_AXIS),
+    "layers.w_gate_up": P(STAGE_AXIS, None, TENSOR_AXIS),
+    "layers.b_gate_up": P(STAGE_AXIS, TENSOR_AXIS),
     "layers.w_down": P(STAGE_AXIS, TENSOR_AXIS, None),
-    "layers.b_gate": P(STAGE_AXIS, TENSOR_AXIS),
-    "layers.b_up": P(STAGE_AXIS, TENSOR_AXIS),
     "layers.b_down": P(STAGE_AXIS, None),
 }
 CACHE_SPEC = P(STAGE_AXIS, None, TENSOR_AXIS, None, None)
@@ -271,7 +267,7 @@ def plan_memory(cfg: LlamaConfig, layout: Layout, *, dtype, max_model_len: int, 
     tp = layout.tensor_parallel
     n_dev = layout.num_devices
     vocab = layout.padded_vocab(cfg.vocab_size)
-    ends = vocab * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2) // n_dev + cfg.hidden_size
+    ends = (vocab * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2) // n_dev + cfg.hidden_size) * nbytes
     kv_heads = kv_heads_per_shard(cfg, tp)
     kv_per_layer = 2 * batch * kv_heads * max_model_len * cfg.head_dim * nbytes
     layer_bytes = _layer_bytes_per_shard(cfg, tp, nbytes)
@@ -311,7 +307,7 @@ def device_memory_bytes(device: jax.Device) -> int | None:
         try:
             import os
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            return int(total // max(1, len(jax.devices("cpu"))))
+            return int(total // max(1, len(jax.local_devices(backend="cpu"))))  # this host's devices share it
         except (ValueError, OSError, AttributeError):
             return None
     return None

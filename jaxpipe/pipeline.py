@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -91,17 +92,34 @@ def map_paths(fn: Callable[[str, Any], Any], tree: dict, prefix: str = "") -> di
             for k, v in tree.items()}
 
 
+def _choose_partitioner(mesh: Mesh) -> None:
+    """Use GSPMD for multi-GPU meshes unless the user chose a partitioner.
+
+    JAX 0.11.2's Shardy partitioner segfaults while compiling these programs on several GPUs (seen on
+    4x H200, 2026-11-27: the crash is inside the shardy-xla pass); GSPMD compiles them and gives the same
+    tokens. CPU meshes keep JAX's default. ``JAX_USE_SHARDY_PARTITIONER`` overrides this.
+    """
+    if mesh.devices.size > 1 and mesh.devices.flat[0].platform == "gpu" \
+            and "JAX_USE_SHARDY_PARTITIONER" not in os.environ:
+        try:
+            jax.config.update("jax_use_shardy_partitioner", False)
+        except AttributeError:  # a JAX with a single partitioner
+            pass
+
+
 class PipelineModel:
     """A Llama laid out over a mesh: abstract shapes, sharding table and the jitted programs."""
 
     def __init__(self, cfg: LlamaConfig, layout: Layout, mesh: Mesh, dtype, *, unroll: int | bool = 1):
+        _choose_partitioner(mesh)
         self.cfg, self.layout, self.mesh, self.dtype = cfg, layout, mesh, jnp.dtype(dtype)
         self.unroll = unroll
         self.vocab_padded = layout.padded_vocab(cfg.vocab_size)
         self.kv_sources = partition.kv_head_sources(cfg, layout.tensor_parallel)
         abstract = nnx.eval_shape(lambda: Llama(
             cfg, num_layers=layout.stages * layout.slots_per_stage, vocab_rows=self.vocab_padded,
-            dtype=self.dtype, rngs=nnx.Rngs(0), kv_size=len(self.kv_sources) * cfg.head_dim))
+            dtype=self.dtype, rngs=nnx.Rngs(0), tensor_parallel=layout.tensor_parallel,
+            kv_size=len(self.kv_sources) * cfg.head_dim))
         self.graphdef, self._abstract_state = nnx.split(abstract)
         self.abstract_params: dict = nnx.to_pure_dict(self._abstract_state)
         self.param_specs = map_paths(lambda path, _: partition.param_spec(path), self.abstract_params)
@@ -123,7 +141,7 @@ class PipelineModel:
 
         def init(key):
             model = Llama(cfg, num_layers=layout.stages * layout.slots_per_stage, vocab_rows=self.vocab_padded,
-                          dtype=self.dtype, rngs=nnx.Rngs(key),
+                          dtype=self.dtype, rngs=nnx.Rngs(key), tensor_parallel=layout.tensor_parallel,
                           kv_size=len(self.kv_sources) * cfg.head_dim)
             return nnx.to_pure_dict(nnx.split(model)[1])
 

@@ -1,0 +1,226 @@
+"""Which layout to use: memory and bandwidth estimates for every pipeline x tensor split of N devices.
+
+Pure arithmetic on the model's shapes (nothing is loaded or compiled). Decode is memory-bound: a step
+costs about the bytes it reads divided by the memory bandwidth, so that is all this module models.
+
+Notation: ``S`` pipeline stages, ``T`` tensor shards per stage (``S * T = N`` devices), ``B`` sequences
+decoded together (the ``batch`` of :func:`jaxpipe.partition.plan_memory`, i.e. all microbatches
+together), ``bw`` the memory bandwidth of one device, ``ctx`` = ``max_model_len``.
+
+Bytes one device of stage ``s`` (holding ``L_s`` layers) reads in one tick of the decode ring, for a
+microbatch of ``b`` rows::
+
+    read_s(b) = L_s * layer_weight_bytes / T                       (its shard of its layers' weights)
+              + L_s * b * 2 * kv_heads(T) * ctx * head_dim * dtype_bytes   (K and V of its layers)
+              + padded_vocab * hidden * dtype_bytes / N             (its vocabulary rows of the lm_head)
+
+``kv_heads(T)`` is ``num_kv_heads / T``, or 1 when KV heads are replicated (``T > num_kv_heads``). The
+KV term counts the whole static cache (``ctx`` positions): jaxpipe's attention reads all of it, so
+shorter sequences than ``max_model_len`` read less in practice (lower ``max_model_len`` to model them).
+
+The ring runs all stages in lock step, so a tick lasts as long as the slowest stage::
+
+    tick(b)  = max_s read_s(b) / bw
+
+The ``B`` sequences are split into ``M = min(S, B)`` microbatches of ``b = ceil(B / M)`` rows (what
+``LLM`` does by default). Each sequence passes all ``S`` stages for each token, one per tick, and the
+ring has ``R = max(M, S) = S`` slots, so::
+
+    token latency     = S * tick(b)          (~ the sum over stages of one stage's bytes / bw)
+    throughput        = B / (S * tick(b))    tokens/s (B tokens every S ticks; with M = S full
+                                             microbatches that is b tokens per tick)
+    prefill bubble    = (S - 1) / (M + S - 1)  (GPipe: the fraction of stage-time spent idle)
+
+Filling the pipeline with ``M = S`` microbatches keeps every stage busy, which recovers throughput,
+but a token still passes every stage in turn, so pipelining never lowers latency; tensor parallelism
+divides every stage's bytes by ``T`` and does. "max batch" is the largest ``B`` whose weights, KV
+cache and workspace fit ``device_bytes`` (by :func:`jaxpipe.partition.plan_memory`, capped at
+``MAX_BATCH_SEARCH``); "max tok/s" is the throughput at that batch: the layout that leaves most memory
+for the KV cache (no replicated KV heads, no padded stage slots) serves the most sequences at once.
+
+Not modelled: compute (large batches and prefill become compute-bound), communication (tensor
+parallelism does two all-reduces of ``b * hidden`` values per layer per step; the pipeline sends one
+activation per stage per tick), kernel launch overheads. Real ticks are slower than these floors
+(NOTES.md: batch-1 Llama-2-7B decode steps measured 1.9x the bandwidth floor on an H200); the estimates are for
+ranking layouts, and communication cost is what favours pipeline over tensor parallelism across slow
+links (PCIe, between hosts).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from jaxpipe import partition
+from jaxpipe.config import LlamaConfig
+from jaxpipe.errors import LayoutError
+
+# Datasheet memory bandwidth (GB/s) by device kind substring, most specific first.
+KNOWN_BANDWIDTH_GBPS: tuple[tuple[str, float], ...] = (
+    ("H200", 4800.0),
+    ("H100", 3350.0),  # SXM datasheet
+)
+CPU_BANDWIDTH_GBPS = 100.0
+UNKNOWN_BANDWIDTH_GBPS = 100.0
+MAX_BATCH_SEARCH = 4096
+
+
+def default_bandwidth_gbps(device) -> tuple[float, str]:
+    """A device's memory bandwidth in GB/s and where the number comes from (for printing)."""
+    kind = str(getattr(device, "device_kind", ""))
+    for key, gbps in KNOWN_BANDWIDTH_GBPS:
+        if key.lower() in kind.lower():
+            return gbps, f"{key} datasheet"
+    if getattr(device, "platform", "") == "cpu":
+        return CPU_BANDWIDTH_GBPS, "CPU guess; pass --bandwidth-gbps"
+    return UNKNOWN_BANDWIDTH_GBPS, f"unknown device {kind!r}: a guess; pass --bandwidth-gbps"
+
+
+def layout_candidates(cfg: LlamaConfig, devices: int) -> list[partition.Layout]:
+    """Every layout ``S x T`` with ``S * T == devices`` that the model allows (``S`` at most the number
+    of layers, ``T`` dividing the heads), pipeline-heaviest first, with the default layer split."""
+    out = []
+    for S in range(devices, 0, -1):
+        if devices % S:
+            continue
+        try:
+            out.append(partition.make_layout(cfg, S, devices // S))
+        except LayoutError:
+            continue
+    return out
+
+
+def _read_bytes(cfg: LlamaConfig, layout: partition.Layout, nbytes: int, rows: int,
+                max_model_len: int) -> list[int]:
+    """Bytes one device of each stage reads per tick for a microbatch of ``rows`` rows."""
+    T = layout.tensor_parallel
+    layer_w = partition._layer_bytes_per_shard(cfg, T, nbytes)
+    layer_kv = 2 * rows * partition.kv_heads_per_shard(cfg, T) * max_model_len * cfg.head_dim * nbytes
+    head = layout.padded_vocab(cfg.vocab_size) * cfg.hidden_size * nbytes // layout.num_devices
+    return [n * (layer_w + layer_kv) + head for n in layout.layer_counts]
+
+
+def estimate(cfg: LlamaConfig, layout: partition.Layout, *, dtype, batch: int, max_model_len: int,
+             bandwidth_gbps: float) -> dict[str, float]:
+    """Decode estimates of one layout at ``batch`` sequences (formulas in the module docstring)."""
+    S = layout.stages
+    M = min(S, batch)
+    b = -(-batch // M)
+    bw = bandwidth_gbps * 1e9
+    tick = max(_read_bytes(cfg, layout, partition.dtype_bytes(dtype), b, max_model_len)) / bw
+    latency = S * tick
+    return {"microbatches": M, "rows_per_microbatch": b, "tick_ms": tick * 1e3,
+            "token_latency_ms": latency * 1e3, "throughput_tok_s": batch / latency,
+            "prefill_bubble": (S - 1) / (M + S - 1)}
+
+
+def max_batch(cfg: LlamaConfig, layout: partition.Layout, *, dtype, max_model_len: int,
+              device_bytes: int | None, limit: int = MAX_BATCH_SEARCH) -> int:
+    """The largest batch (up to ``limit``) whose memory plan fits ``device_bytes``; 0 if none does."""
+    def fits(b: int) -> bool:
+        return partition.plan_memory(cfg, layout, dtype=dtype, max_model_len=max_model_len, batch=b,
+                                     device_bytes=device_bytes).fits
+    if device_bytes is None:
+        return limit
+    if not fits(1):
+        return 0
+    lo, hi = 1, limit
+    if fits(hi):
+        return hi
+    while hi - lo > 1:  # fits(lo) and not fits(hi); memory grows with the batch
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def compare_layouts(cfg: LlamaConfig, devices: int, *, dtype, batch: int, max_model_len: int,
+                    device_bytes: int | None, bandwidth_gbps: float) -> list[dict[str, Any]]:
+    """Memory and decode estimates for every layout of ``devices`` devices the model allows.
+
+    One dict per layout (pipeline-heaviest first) with keys ``layout`` (a ``partition.Layout``),
+    ``pipeline``, ``tensor``, ``layer_counts``, ``plan`` (the ``MemoryPlan`` at ``batch``),
+    ``peak_bytes``, ``fits``, ``microbatches``, ``rows_per_microbatch``, ``tick_ms``,
+    ``token_latency_ms``, ``throughput_tok_s``, ``prefill_bubble``, ``max_batch`` and
+    ``max_throughput_tok_s`` (at ``max_batch``; 0 when nothing fits). Formulas: the module docstring.
+    """
+    if not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"devices must be a positive integer, got {devices!r}")
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    if not isinstance(max_model_len, int) or max_model_len < 1:
+        raise ValueError(f"max_model_len must be a positive integer, got {max_model_len!r}")
+    if not bandwidth_gbps or bandwidth_gbps <= 0 or not math.isfinite(bandwidth_gbps):
+        raise ValueError(f"bandwidth_gbps must be a positive number, got {bandwidth_gbps!r}")
+    rows = []
+    for layout in layout_candidates(cfg, devices):
+        plan = partition.plan_memory(cfg, layout, dtype=dtype, max_model_len=max_model_len, batch=batch,
+                                     device_bytes=device_bytes)
+        row: dict[str, Any] = {"layout": layout, "pipeline": layout.stages, "tensor": layout.tensor_parallel,
+                               "layer_counts": list(layout.layer_counts), "plan": plan,
+                               "peak_bytes": plan.peak_bytes, "fits": plan.fits}
+        row.update(estimate(cfg, layout, dtype=dtype, batch=batch, max_model_len=max_model_len,
+                            bandwidth_gbps=bandwidth_gbps))
+        mb = max_batch(cfg, layout, dtype=dtype, max_model_len=max_model_len, device_bytes=device_bytes)
+        row["max_batch"] = mb
+        row["max_throughput_tok_s"] = (0.0 if mb == 0 else estimate(
+            cfg, layout, dtype=dtype, batch=mb, max_model_len=max_model_len,
+            bandwidth_gbps=bandwidth_gbps)["throughput_tok_s"])
+        rows.append(row)
+    return rows
+
+
+def recommend(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
+    """``{"lowest_latency": row, "highest_throughput": row}`` among the rows of :func:`compare_layouts`.
+
+    Lowest latency: the smallest token latency at the requested batch among the layouts that fit it.
+    Highest throughput: the largest throughput at each layout's own max batch. Ties go to fewer
+    pipeline stages (fewer hops, smaller prefill bubble). ``None`` where nothing fits.
+    """
+    fitting = [r for r in rows if r["fits"]]
+    lat = min(fitting, key=lambda r: (round(r["token_latency_ms"], 9), r["pipeline"]), default=None)
+    usable = [r for r in rows if r["max_batch"] > 0]
+    thr = min(usable, key=lambda r: (-round(r["max_throughput_tok_s"], 6), r["pipeline"]), default=None)
+    return {"lowest_latency": lat, "highest_throughput": thr}
+
+
+def layout_name(row_or_layout) -> str:
+    layout = row_or_layout["layout"] if isinstance(row_or_layout, dict) else row_or_layout
+    return f"PP{layout.stages} x TP{layout.tensor_parallel}"
+
+
+def format_comparison(rows: list[dict[str, Any]], *, batch: int, max_model_len: int, dtype,
+                      bandwidth_gbps: float, devices: int) -> str:
+    """The comparison table and the recommendation, as ``jaxpipe plan`` prints them."""
+    gib = 1024 ** 3
+    if not rows:
+        return f"no layout of {devices} devices suits this model (check its layer and head counts)"
+    split_w = max(len("layers/stage"), *(len(",".join(map(str, r["layer_counts"]))) for r in rows))
+    head = (f"{'layout':<12} {'layers/stage':<{split_w}} {'GiB/device':>10} {'fits':>4} {'ms/token':>9} "
+            f"{'tok/s':>9} {'max batch':>9} {'max tok/s':>10} {'prefill bubble':>14}")
+    lines = [f"layouts of {devices} devices (batch {batch}, max_model_len {max_model_len}, "
+             f"{np.dtype(dtype).name}, {bandwidth_gbps:g} GB/s per device):", head]
+    for r in rows:
+        split = ",".join(map(str, r["layer_counts"]))
+        mb = r["max_batch"]
+        mb_s = f">={mb}" if mb >= MAX_BATCH_SEARCH else str(mb)
+        lines.append(
+            f"{layout_name(r):<12} {split:<{split_w}} {r['peak_bytes'] / gib:>10.2f} "
+            f"{'yes' if r['fits'] else 'NO':>4} {r['token_latency_ms']:>9.2f} {r['throughput_tok_s']:>9.1f} "
+            f"{mb_s:>9} {r['max_throughput_tok_s']:>10.1f} {r['prefill_bubble']:>14.0%}")
+    rec = recommend(rows)
+    lat, thr = rec["lowest_latency"], rec["highest_throughput"]
+    if lat is None:
+        lines.append(f"recommendation: none of these layouts fits batch {batch}; use more devices, a smaller "
+                     "batch, a shorter max_model_len or a smaller dtype")
+    else:
+        lines.append(f"recommendation: {layout_name(lat)} (lowest latency that fits: "
+                     f"{lat['token_latency_ms']:.2f} ms/token, {lat['throughput_tok_s']:.1f} tok/s at batch {batch})")
+    if thr is not None:
+        same = lat is not None and thr["layout"] == lat["layout"]
+        lines.append(f"highest throughput: {layout_name(thr)}{' (the same)' if same else ''}: "
+                     f"{thr['max_throughput_tok_s']:.1f} tok/s at batch {thr['max_batch']}")
+    lines.append("estimates: bytes read per decode step / memory bandwidth (compute and communication "
+                 "ignored); formulas in jaxpipe/planning.py")
+    return "\n".join(lines)
