@@ -312,7 +312,8 @@ class LLM:
         cumulative = [0.0] * len(rows)
         remaining = [p.n for p in params_list]
         bar = tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm or len(requests) < 2)
-        totals = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "compile_s": 0.0}
+        totals = {"prompt_tokens": 0, "generated_tokens": 0, "decode_tokens": 0, "prefill_s": 0.0,
+                  "decode_s": 0.0, "compile_s": 0.0}
         recorded = []
         t_start = time.perf_counter()
         for w0 in range(0, len(rows), self.max_num_seqs):

@@ -104,7 +104,7 @@ class DecoderLayers(nnx.Module):
         """``kv_size``: width of the (possibly replicated) KV projection over all tensor shards."""
         self.cfg = cfg
         self.tensor_parallel = tensor_parallel
-        h, n, tp = cfg.hidden_size, num_layers, tensor_parallel
+        h, n = cfg.hidden_size, num_layers
         q = cfg.q_size
         kv = kv_size or cfg.kv_size
         i = cfg.intermediate_size

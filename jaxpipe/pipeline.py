@@ -29,7 +29,6 @@ same key. That is how a sampled token "travels back" to the first stage: everyon
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Any, Callable, NamedTuple
 
@@ -41,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxpipe import partition
 from jaxpipe.config import LlamaConfig
-from jaxpipe.model import STAGE_AXIS, TENSOR_AXIS, KVCache, Llama, StepInputs
+from jaxpipe.model import STAGE_AXIS, KVCache, Llama, StepInputs
 from jaxpipe.partition import CACHE_SPEC, REPLICATED, Layout
 
 

@@ -38,9 +38,20 @@ cache and workspace fit ``device_bytes`` (by :func:`jaxpipe.partition.plan_memor
 ``MAX_BATCH_SEARCH``); "max tok/s" is the throughput at that batch: the layout that leaves most memory
 for the KV cache (no replicated KV heads, no padded stage slots) serves the most sequences at once.
 
-Not modelled: compute (large batches and prefill become compute-bound), communication (tensor
-parallelism does two all-reduces of ``b * hidden`` values per layer per step; the pipeline sends one
-activation per stage per tick), kernel launch overheads. Real ticks are slower than these floors
+Communication is modelled as a fixed latency ``alpha`` per collective (the messages of decode are a few
+KB, so latency, not bandwidth, is what they cost): every tick has 4 collectives when there are several
+devices (the embedding all-reduce, the broadcast of the last stage's hidden state, the all-gather of
+the logits and the stage-to-stage ppermute), and tensor parallelism adds two all-reduces per layer::
+
+    tick(b) = max_s read_s(b) / bw + alpha * (4 [N > 1] + 2 * max_s L_s [T > 1])
+
+``alpha`` defaults to ``COLLECTIVE_LATENCY_US``, fitted to Llama-2-70B on 4x H200 (NVLink), 2026-11-27:
+TP4 measured 14.10 ms/token against 9.34 ms of bytes over bandwidth, i.e. about 30 us per all-reduce
+(164 per token); PP2 x TP2 and PP4 agree within 4% with the same value (BENCHMARKS.md).
+
+Not modelled: compute (large batches and prefill become compute-bound), bandwidth of the collectives
+(large batches, slow links such as PCIe or between hosts: raise ``alpha`` there), kernel launch
+overheads. Real ticks are slower than these floors
 (NOTES.md: batch-1 Llama-2-7B decode steps measured 1.9x the bandwidth floor on an H200); the estimates are for
 ranking layouts, and communication cost is what favours pipeline over tensor parallelism across slow
 links (PCIe, between hosts).
@@ -62,6 +73,7 @@ KNOWN_BANDWIDTH_GBPS: tuple[tuple[str, float], ...] = (
     ("H200", 4800.0),
     ("H100", 3350.0),  # SXM datasheet
 )
+COLLECTIVE_LATENCY_US = 30.0  # per collective, NVLink H200, measured (see the module docstring)
 CPU_BANDWIDTH_GBPS = 100.0
 UNKNOWN_BANDWIDTH_GBPS = 100.0
 MAX_BATCH_SEARCH = 4096
@@ -102,14 +114,21 @@ def _read_bytes(cfg: LlamaConfig, layout: partition.Layout, nbytes: int, rows: i
     return [n * (layer_w + layer_kv) + head for n in layout.layer_counts]
 
 
+def collectives_per_tick(layout: partition.Layout) -> int:
+    """Collectives one device waits for in a decode tick (see the module docstring)."""
+    n = 4 if layout.num_devices > 1 else 0
+    return n + (2 * max(layout.layer_counts) if layout.tensor_parallel > 1 else 0)
+
+
 def estimate(cfg: LlamaConfig, layout: partition.Layout, *, dtype, batch: int, max_model_len: int,
-             bandwidth_gbps: float) -> dict[str, float]:
+             bandwidth_gbps: float, collective_us: float = COLLECTIVE_LATENCY_US) -> dict[str, float]:
     """Decode estimates of one layout at ``batch`` sequences (formulas in the module docstring)."""
     S = layout.stages
     M = min(S, batch)
     b = -(-batch // M)
     bw = bandwidth_gbps * 1e9
     tick = max(_read_bytes(cfg, layout, partition.dtype_bytes(dtype), b, max_model_len)) / bw
+    tick += collectives_per_tick(layout) * collective_us * 1e-6
     latency = S * tick
     return {"microbatches": M, "rows_per_microbatch": b, "tick_ms": tick * 1e3,
             "token_latency_ms": latency * 1e3, "throughput_tok_s": batch / latency,
@@ -221,6 +240,6 @@ def format_comparison(rows: list[dict[str, Any]], *, batch: int, max_model_len: 
         same = lat is not None and thr["layout"] == lat["layout"]
         lines.append(f"highest throughput: {layout_name(thr)}{' (the same)' if same else ''}: "
                      f"{thr['max_throughput_tok_s']:.1f} tok/s at batch {thr['max_batch']}")
-    lines.append("estimates: bytes read per decode step / memory bandwidth (compute and communication "
-                 "ignored); formulas in jaxpipe/planning.py")
+    lines.append(f"estimates: bytes read per decode step / memory bandwidth + {COLLECTIVE_LATENCY_US:g} us per "
+                 "collective (compute ignored); formulas in jaxpipe/planning.py")
     return "\n".join(lines)

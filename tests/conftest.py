@@ -127,18 +127,24 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hf_greedy():
-    """``hf_greedy(model, prompt_ids, n) -> n token ids``: transformers' greedy ``generate`` of one prompt,
-    never stopping at EOS and never masking it (what vLLM's ``ignore_eos=True`` means)."""
+    """``hf_greedy(model, prompt_ids, n) -> n token ids``: transformers' greedy decoding of one prompt that
+    neither stops at EOS nor bans it (what vLLM's ``ignore_eos=True`` means).
+
+    A plain loop over the model's forward with its KV cache, argmax each step: ``generate`` cannot do this
+    (``eos_token_id=None`` falls back to the model's generation config and stops at EOS, and
+    ``min_new_tokens`` bans EOS, which changes the greedy choice wherever EOS is the argmax).
+    """
     import torch
-    from transformers import GenerationConfig
 
     def run(model, prompt_ids, n):
-        # eos_token_id=None: generation neither stops at EOS nor bans it (min_new_tokens would ban it, and
-        # jaxpipe's ignore_eos, like vLLM's, does not), so exactly n tokens come back.
-        gc = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        ids, past, out = torch.tensor([list(prompt_ids)]), None, []
         with torch.no_grad():
-            out = model.generate(torch.tensor([list(prompt_ids)]), generation_config=gc)
-        return out[0, len(prompt_ids):].tolist()
+            for _ in range(n):
+                res = model(input_ids=ids, past_key_values=past, use_cache=True)
+                past = res.past_key_values
+                out.append(int(res.logits[0, -1].argmax()))
+                ids = torch.tensor([[out[-1]]])
+        return out
 
     return run
 

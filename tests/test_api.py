@@ -24,8 +24,8 @@ from jaxpipe.outputs import CompletionOutput, Logprob, RequestOutput
 QUICKSTART_PROMPTS = ["Hello, my name is", "The president of the United States is",
                       "The capital of France is", "The future of AI is"]
 FRANCE = "The capital of France is"
-# Greedy SmolLM2-135M-Instruct continuation of FRANCE, measured with transformers (docs NOTES.md) and
-# token for token: " Paris" "." "\n" "\n" "The" " answer" " is" ":" " " "2" "0" "1" "8" "-" "0" "1" ...
+# Greedy SmolLM2-135M-Instruct continuation of FRANCE: transformers' generate on the GGUF dequantized to
+# float32 (see NOTES.md), 16 tokens: " Paris" "." "\n" "\n" "The" " answer" " is" ":" " " "2" "0" "1" "8" "-" "0" "1"
 FRANCE_GREEDY_16 = " Paris.\n\nThe answer is: 2018-01"
 FRANCE_GREEDY_IDS_16 = [7042, 30, 198, 198, 504, 2988, 314, 42, 216, 34, 32, 33, 40, 29, 32, 33]
 YES_CHAT = [{"role": "user", "content": "Say only the word yes."}]  # greedy reply: "Yes." then EOS
@@ -351,7 +351,8 @@ def test_stop_token_ids(smol_batch):
     assert c.finish_reason == "stop" and c.stop_reason == 198
 
 
-def test_logprobs(smol_batch):
+def test_logprobs(smol_batch, smollm2_tokenizer):
+    smol_tokenizer = smollm2_tokenizer
     c = smol_batch["logprobs"].outputs[0]
     assert c.text == FRANCE_GREEDY_16 and c.token_ids == FRANCE_GREEDY_IDS_16  # greedy == transformers'
     assert c.finish_reason == "length"
@@ -361,6 +362,7 @@ def test_logprobs(smol_batch):
         assert all(isinstance(lp, Logprob) and lp.logprob <= 0 for lp in entry.values())
         assert entry[tok].rank == 1  # greedy picks the most likely token
         assert entry[tok].logprob == max(lp.logprob for lp in entry.values())
+        assert all(lp.decoded_token == smol_tokenizer.decode([t]) for t, lp in entry.items())
     assert c.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs)),
                                                  abs=1e-4)
     assert c.cumulative_logprob < 0
@@ -376,6 +378,14 @@ def test_n_completions(smol_batch):
         assert all(set(e) == {t} and e[t].logprob <= 0 for t, e in zip(c.token_ids, c.logprobs))
         assert c.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs)),
                                                      abs=1e-4)
+
+
+@pytest.mark.xfail(reason="jaxpipe gives Logprob.rank only for tokens among the top `logprobs`; vLLM "
+                          "always ranks the sampled token (sampling.token_ranks is not wired into the engine)")
+def test_sampled_token_always_has_a_rank(smol_batch):
+    for c in smol_batch["n3"].outputs:
+        for t, e in zip(c.token_ids, c.logprobs):
+            assert isinstance(e[t].rank, int) and e[t].rank >= 1
 
 
 def test_chat_min_tokens_and_ignore_eos(smol):
