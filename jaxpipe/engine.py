@@ -19,7 +19,7 @@ import numpy as np
 from jaxpipe import partition
 from jaxpipe.errors import MemoryPlanError
 from jaxpipe.pipeline import Geometry, PipelineModel, Sampler, host_array
-from jaxpipe.sampling import SamplingParams, SamplingTensors, prompt_mask, sample
+from jaxpipe.sampling import SamplingParams, SamplingTensors, prompt_mask, sample, token_ranks
 
 MIN_PROMPT_BUCKET = 16
 CACHE_ALIGN = 128
@@ -37,9 +37,13 @@ class Row:
 
 @dataclasses.dataclass
 class TokenEvent:
+    """One generated token of one row, with its log-probability, its rank among all tokens (1 = most
+    likely), and the top-k alternatives when logprobs were asked for."""
+
     row: int
     token: int
     logprob: float
+    rank: int
     top_ids: np.ndarray
     top_logprobs: np.ndarray
 
@@ -110,8 +114,10 @@ class Engine:
         key = (num_logprobs, all_greedy, need_sort)
         if key not in self._samplers:
             def fn(logits, st, step, pmask, counts, _k=num_logprobs, _g=all_greedy, _s=need_sort):
-                return sample(logits, st, step, pmask, counts, num_logprobs=_k, all_greedy=_g, need_sort=_s)
-            self._samplers[key] = Sampler(fn=fn, num_logprobs=num_logprobs)
+                tok, lp, top_ids, top_lp = sample(logits, st, step, pmask, counts, num_logprobs=_k,
+                                                  all_greedy=_g, need_sort=_s)
+                return tok, lp, token_ranks(logits, tok), top_ids, top_lp
+            self._samplers[key] = Sampler(fn=fn, num_outputs=5)
         return self._samplers[key]
 
     # -- one wave ---------------------------------------------------------------------------------
@@ -168,20 +174,20 @@ class Engine:
         finished = [False] * n
         logits_log: list[list[np.ndarray]] | None = [[] for _ in range(n)] if record_logits else None
 
-        def deliver(i: int, tok: int, lp: float, top_ids, top_lps, logits_row=None) -> None:
+        def deliver(i: int, tok: int, lp: float, rank: int, top_ids, top_lps, logits_row=None) -> None:
             if finished[i]:
                 return
             produced[i] += 1
             stats.generated_tokens += 1
             if logits_log is not None and logits_row is not None:
                 logits_log[i].append(logits_row)
-            done = on_token(TokenEvent(i, tok, lp, top_ids, top_lps))
+            done = on_token(TokenEvent(i, tok, lp, rank, top_ids, top_lps))
             finished[i] = bool(done) or produced[i] >= rows[i].max_new
 
-        lp0, ids0, tlp0 = host_array(outs[1]), host_array(outs[2]), host_array(outs[3])
-        all_logits = host_array(outs[4]) if record_logits else None
+        lp0, rank0, ids0, tlp0 = (host_array(o) for o in outs[1:5])
+        all_logits = host_array(outs[5]) if record_logits else None
         for i in range(n):
-            deliver(i, int(first[i]), float(lp0[i]), ids0[i], tlp0[i],
+            deliver(i, int(first[i]), float(lp0[i]), int(rank0[i]), ids0[i], tlp0[i],
                     None if all_logits is None else all_logits[i, -1])
         if logits_log is not None:
             prefill_logits = [all_logits[i, P - len(rows[i].prompt_ids):] for i in range(n)]
@@ -199,8 +205,8 @@ class Engine:
                                 (self.params, state, P_dev, kv_start_dev, st, pmask), stats)
 
         def consume(base: int, outs) -> None:
-            tok, lp, ids, tlp = (host_array(o) for o in outs[:4])
-            lg = host_array(outs[4]) if record_logits else None
+            tok, lp, rank, ids, tlp = (host_array(o) for o in outs[:5])
+            lg = host_array(outs[5]) if record_logits else None
             for j in range(ticks):
                 origin = pm.tick_origin(geo, base + j)
                 if origin is None:
@@ -209,7 +215,7 @@ class Engine:
                 for r in range(b):
                     i = mb * b + r
                     if i < n and produced[i] == k:
-                        deliver(i, int(tok[j, r]), float(lp[j, r]), ids[j, r], tlp[j, r],
+                        deliver(i, int(tok[j, r]), float(lp[j, r]), int(rank[j, r]), ids[j, r], tlp[j, r],
                                 None if lg is None else lg[j, r])
 
         # The last tick that can still produce a wanted token: row i (ring slot i // b) gets its token

@@ -322,22 +322,18 @@ class LLM:
             def on_token(ev: TokenEvent, wave=wave) -> bool:
                 i = wave[ev.row]
                 d = detoks[i]
-                before = len(d.text)
                 done = d.append(ev.token)
                 cumulative[i] += ev.logprob
                 if logprobs[i] is not None:
                     k = rows[i].params.logprobs
-                    entry = {ev.token: Logprob(ev.logprob, None, self.tokenizer.decode([ev.token]))}
+                    entry = {ev.token: Logprob(ev.logprob, ev.rank, self.tokenizer.decode([ev.token]))}
                     for rank, (tid, lp) in enumerate(zip(ev.top_ids[:k], ev.top_logprobs[:k]), start=1):
-                        if int(tid) == ev.token:
-                            entry[ev.token].rank = rank
                         entry.setdefault(int(tid), Logprob(float(lp), rank, self.tokenizer.decode([int(tid)])))
                     logprobs[i].append(entry)
                 if on_text is not None:
                     delta = d.stream_delta()
                     if delta:
                         on_text(*owners[i], delta)
-                del before
                 if not done and len(d.token_ids) >= rows[i].max_new:
                     done = True
                 if done:

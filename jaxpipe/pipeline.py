@@ -68,10 +68,21 @@ class DecodeState(NamedTuple):
 
 
 class Sampler(NamedTuple):
-    """How logits become tokens: ``fn(logits, sampling_rows, step, prompt_mask_rows, counts_rows)``."""
+    """How logits become tokens: ``fn(logits, sampling_rows, step, prompt_mask_rows, counts_rows)``
+    returns ``num_outputs`` per-row arrays, the sampled token ids first (the others, such as
+    log-probabilities, are only collected for the host)."""
 
     fn: Callable[..., tuple[jax.Array, ...]]
-    num_logprobs: int = 0
+    num_outputs: int
+
+
+def _output_buffers(sampler: Sampler, lead: tuple[int, ...], b: int, V: int, samp, prompt_mask, counts):
+    """Zero buffers ``lead + shape`` for each of the sampler's per-row outputs (shapes by tracing it)."""
+    def rows_of(a):
+        return jax.ShapeDtypeStruct((b,) + a.shape[1:], a.dtype)
+    shapes = jax.eval_shape(sampler.fn, jax.ShapeDtypeStruct((b, V), jnp.float32), jax.tree.map(rows_of, samp),
+                            jax.ShapeDtypeStruct((b,), jnp.int32), rows_of(prompt_mask), rows_of(counts))
+    return tuple(jnp.zeros(lead + sd.shape[1:], sd.dtype) for sd in shapes)
 
 
 def flatten_paths(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -188,7 +199,7 @@ class PipelineModel:
 
     def _build_prefill(self, geo: Geometry, prompt_len: int, sampler: Sampler, all_logits: bool):
         S, M, b, Pl = self.layout.stages, geo.microbatches, geo.rows, prompt_len
-        V, H, K = self.cfg.vocab_size, self.cfg.hidden_size, sampler.num_logprobs
+        V, H = self.cfg.vocab_size, self.cfg.hidden_size
         rows = lambda a, mb: jax.lax.dynamic_slice_in_dim(a, mb * b, b, axis=0)  # noqa: E731
 
         def body(params, cache, tokens, kv_start, samp, prompt_mask, counts):
@@ -198,10 +209,6 @@ class PipelineModel:
             embedded = model.embed_tokens(tokens).reshape(M, b, Pl, H)
             rope_pos = jnp.maximum(jnp.arange(Pl)[None, :] - kv_start[:, None], 0)
 
-            out_tok = jnp.zeros((M * b,), jnp.int32)
-            out_lp = jnp.zeros((M * b,), jnp.float32)
-            out_top_ids = jnp.zeros((M * b, K), jnp.int32)
-            out_top_lp = jnp.zeros((M * b, K), jnp.float32)
             out_logits = jnp.zeros((M * b, Pl, V) if all_logits else (0,), jnp.float32)
 
             def tick(t, carry):
@@ -223,19 +230,17 @@ class PipelineModel:
                 last_logits = logits[:, -1] if all_logits else logits
                 res = sampler.fn(last_logits, jax.tree.map(lambda a: rows(a, mbo), samp),
                                  jnp.zeros((b,), jnp.int32), rows(prompt_mask, mbo), rows(counts, mbo))
-                tok, lp, top_ids, top_lp = res
-                o_tok, o_lp, o_ids, o_tlp, o_logits = outs
 
                 def put(buf, val):
                     old = rows(buf, mbo)
                     return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(done, val, old), mbo * b, axis=0)
 
-                outs = (put(o_tok, tok), put(o_lp, lp), put(o_ids, top_ids), put(o_tlp, top_lp),
-                        put(o_logits, logits) if all_logits else o_logits)
+                *sampled, o_logits = outs
+                outs = (*map(put, sampled, res), put(o_logits, logits) if all_logits else o_logits)
                 return x_next, cache, outs
 
             x0 = jnp.zeros((b, Pl, H), self.dtype)
-            outs = (out_tok, out_lp, out_top_ids, out_top_lp, out_logits)
+            outs = (*_output_buffers(sampler, (M * b,), b, V, samp, prompt_mask, counts), out_logits)
             _, cache, outs = jax.lax.fori_loop(0, M + S - 1, tick, (x0, cache, outs))
             return cache, outs
 
@@ -244,7 +249,7 @@ class PipelineModel:
             body, mesh=self.mesh,
             in_specs=(self.param_specs, cache_specs, REPLICATED, REPLICATED, REPLICATED, REPLICATED,
                       REPLICATED),
-            out_specs=(cache_specs, (REPLICATED,) * 5), check_vma=False)
+            out_specs=(cache_specs, (REPLICATED,) * (sampler.num_outputs + 1)), check_vma=False)
         return jax.jit(fn, donate_argnums=(1,))
 
     # -- decode -----------------------------------------------------------------------------------
@@ -274,7 +279,7 @@ class PipelineModel:
     def _build_decode(self, geo: Geometry, ticks: int, sampler: Sampler, record_logits: bool):
         S, M, b, T = self.layout.stages, geo.microbatches, geo.rows, geo.cache_len
         R = self.ring_slots(geo)
-        V, K = self.cfg.vocab_size, sampler.num_logprobs
+        V = self.cfg.vocab_size
         rows = lambda a, slot: jax.lax.dynamic_slice_in_dim(a, slot * b, b, axis=0)  # noqa: E731
 
         def body(params, state: DecodeState, prompt_len, kv_start, samp, prompt_mask):
@@ -306,21 +311,20 @@ class PipelineModel:
                 so = jnp.minimum(slot_out, M - 1)
                 logits = self._head(model, y)
                 gen_step = jnp.full((b,), k_out + 1, jnp.int32)
-                tok, lp, top_ids, top_lp = sampler.fn(
-                    logits, jax.tree.map(lambda a: rows(a, so), samp), gen_step, rows(prompt_mask, so),
-                    rows(counts, so))
+                res = sampler.fn(logits, jax.tree.map(lambda a: rows(a, so), samp), gen_step,
+                                 rows(prompt_mask, so), rows(counts, so))
+                tok = res[0]
                 tokens = jnp.where(valid, tokens.at[slot_out % R].set(tok), tokens)
                 if counts.shape[-1]:
                     new_counts = rows(counts, so).at[jnp.arange(b), tok].add(1)
                     counts = jax.lax.dynamic_update_slice_in_dim(
                         counts, jnp.where(valid, new_counts, rows(counts, so)), so * b, axis=0)
-                o_tok, o_lp, o_ids, o_tlp, o_logits = outs
-                outs = (o_tok.at[i].set(tok), o_lp.at[i].set(lp), o_ids.at[i].set(top_ids),
-                        o_tlp.at[i].set(top_lp), o_logits.at[i].set(logits) if record_logits else o_logits)
+                *sampled, o_logits = outs
+                outs = (*(buf.at[i].set(v) for buf, v in zip(sampled, res)),
+                        o_logits.at[i].set(logits) if record_logits else o_logits)
                 return cache, x_next, tokens, counts, outs
 
-            outs = (jnp.zeros((ticks, b), jnp.int32), jnp.zeros((ticks, b), jnp.float32),
-                    jnp.zeros((ticks, b, K), jnp.int32), jnp.zeros((ticks, b, K), jnp.float32),
+            outs = (*_output_buffers(sampler, (ticks, b), b, V, samp, prompt_mask, state.counts),
                     jnp.zeros((ticks, b, V) if record_logits else (0,), jnp.float32))
             carry = (state.cache, state.inflight[0], state.tokens, state.counts, outs)
             cache, x_in, tokens, counts, outs = jax.lax.fori_loop(0, ticks, tick, carry)
@@ -333,7 +337,7 @@ class PipelineModel:
         fn = jax.shard_map(
             body, mesh=self.mesh,
             in_specs=(self.param_specs, state_specs, REPLICATED, REPLICATED, REPLICATED, REPLICATED),
-            out_specs=(state_specs, (REPLICATED,) * 5), check_vma=False)
+            out_specs=(state_specs, (REPLICATED,) * (sampler.num_outputs + 1)), check_vma=False)
         return jax.jit(fn, donate_argnums=(1,))
 
     def tick_origin(self, geo: Geometry, tick: int) -> tuple[int, int] | None:
@@ -349,15 +353,12 @@ class PipelineModel:
 
 
 def greedy_sampler() -> Sampler:
-    """Argmax sampling with the log-probability of the chosen token (no penalties, no top-k)."""
-    return Sampler(fn=_greedy, num_logprobs=0)
+    """Argmax sampling (no penalties, no top-k), for benchmarks and checks: outputs the token alone."""
+    return Sampler(fn=_greedy, num_outputs=1)
 
 
 def _greedy(logits, samp, step, prompt_mask, counts):
-    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
-    b = logits.shape[0]
-    return tok, lp, jnp.zeros((b, 0), jnp.int32), jnp.zeros((b, 0), jnp.float32)
+    return (jnp.argmax(logits, axis=-1).astype(jnp.int32),)
 
 
 def host_array(x: jax.Array) -> np.ndarray:

@@ -16,6 +16,7 @@ if not os.environ.get("JAXPIPE_CACHE"):
     os.environ["JAXPIPE_CACHE"] = _CACHE.name
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 
+import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -137,16 +138,31 @@ def hf_greedy():
     import torch
 
     def run(model, prompt_ids, n):
-        ids, past, out = torch.tensor([list(prompt_ids)]), None, []
-        with torch.no_grad():
+        ids, cache, out = torch.tensor([list(prompt_ids)]), None, []
+        with torch.inference_mode(), torch_threads(1):
             for _ in range(n):
-                res = model(input_ids=ids, past_key_values=past, use_cache=True)
-                past = res.past_key_values
+                # The cache argument is positional: `past_key_values` before transformers 5.2x, `cache` after.
+                res = model(ids, None, None, cache, use_cache=True)
+                cache = res.cache if getattr(res, "cache", None) is not None else res.past_key_values
                 out.append(int(res.logits[0, -1].argmax()))
                 ids = torch.tensor([[out[-1]]])
         return out
 
     return run
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run torch with ``n`` threads: on a busy 2-core machine (XLA's threads, other test processes) torch's
+    own thread pool oversubscribes the cores and a SmolLM2 decode step gets several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # -- SmolLM2-135M-Instruct ---------------------------------------------------------------------------------

@@ -380,8 +380,6 @@ def test_n_completions(smol_batch):
                                                      abs=1e-4)
 
 
-@pytest.mark.xfail(reason="jaxpipe gives Logprob.rank only for tokens among the top `logprobs`; vLLM "
-                          "always ranks the sampled token (sampling.token_ranks is not wired into the engine)")
 def test_sampled_token_always_has_a_rank(smol_batch):
     for c in smol_batch["n3"].outputs:
         for t, e in zip(c.token_ids, c.logprobs):
