@@ -19,6 +19,7 @@ import sys
 import tempfile
 from typing import Any, Sequence
 
+from jaxpipe import distributed
 from jaxpipe.errors import JaxpipeError, LayoutError
 
 PROG = "jaxpipe"
@@ -134,6 +135,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--chat", action="store_true",
                    help="send the PROMPT arguments and text lines as user messages through the chat template")
     add_model_arguments(p)
+    distributed.add_distributed_arguments(p)
     g = p.add_argument_group("sampling (vLLM's SamplingParams)")
     g.add_argument("--max-tokens", metavar="N", type=int, default=DEFAULT_MAX_TOKENS,
                    help=f"tokens to generate per completion at most (default: {DEFAULT_MAX_TOKENS})")
@@ -329,6 +331,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import jax
     from jaxpipe.llm import LLM
 
+    # Before anything touches a device: a run over several processes joins them first.
+    distributed.initialize_from_args(args)
     try:
         llm = LLM(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
                   seed=args.seed if args.seed is not None else 0,
