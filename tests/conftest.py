@@ -16,12 +16,12 @@ if not os.environ.get("JAXPIPE_CACHE"):
     os.environ["JAXPIPE_CACHE"] = _CACHE.name
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 
-import contextlib  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
+import contextlib
+import importlib.util
+import json
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # vLLM's quick-start prompts, the SmolLM2 reference set.

@@ -2,7 +2,9 @@
 
 - SmolLM2-135M-Instruct (30 layers): pipeline_parallel_size S = 2, 3, 4, 5, 6, 8, each with
   num_microbatches 1 and S; tensor_parallel_size 3 (9 heads, 3 KV heads) and 2 x 3. Four prompts of
-  different lengths, 8 new tokens: the same tokens as one device (and as transformers).
+  different lengths, 8 new tokens: the same tokens as one device (and as transformers). (Four rows make at
+  most four microbatches: for S > 4, "num_microbatches=S" runs 4 microbatches of one row, so the ring has
+  empty slots; S = 2 and 4 run exactly S.)
 - A tiny random Llama (6 layers, 4 heads, 2 KV heads): S = 1 .. 6 (even and uneven splits), explicit
   ``layer_partition``, tensor_parallel_size 2 and 4 (KV heads replicated), PP x TP = 2x2, 2x4, 4x2; and a
   variant with 8 heads / 8 KV heads at tensor_parallel_size 8. Six prompts, 10 new tokens: the same tokens

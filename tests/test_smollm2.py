@@ -6,7 +6,6 @@ GGUF file itself and when it loads an HF safetensors directory made from it.
 """
 
 import jax
-import pytest
 
 from jaxpipe import LLM, SamplingParams
 

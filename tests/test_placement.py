@@ -1,0 +1,224 @@
+"""Where weights and the KV cache live, and what each device's loading reads.
+
+A tiny checkpoint of 5 layers split over 2 stages as vLLM does ([3, 2]; the second stage's stack ends in an
+empty slot), alone and with 2 tensor shards per stage:
+- every device's shard of every per-layer parameter holds exactly its stage's layers (in order, zeros in
+  the empty slot) and its tensor shard's heads / columns, checked against the checkpoint read with
+  safetensors directly; the embedding is split by rows over all devices;
+- the per-device bytes of the loaded parameters are what the memory plan says;
+- each device's KV cache shard has the stage's layer slots and KV heads / T;
+- loading reads, for each device, only the tensors of its own stage's layers (and only its own rows of
+  the embedding).
+"""
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jaxpipe import LLM, loading, partition
+from jaxpipe.checkpoint import open_checkpoint
+from jaxpipe.pipeline import Geometry, PipelineModel
+
+VARIANT = dict(layers=5, heads=4, kv_heads=2, attention_bias=True, mlp_bias=True, seed=3)
+COUNTS = [3, 2]          # vLLM's split of 5 layers over 2 stages
+OFFSETS = [0, 3]
+SLOTS = 3
+H, D, HEADS, KV, INTER = 64, 16, 4, 2, 128
+LAYOUTS = [(2, 1), (2, 2)]
+HF = {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
+      "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
+      "wo": "self_attn.o_proj.weight", "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias",
+      "bv": "self_attn.v_proj.bias", "bo": "self_attn.o_proj.bias", "w_gate": "mlp.gate_proj.weight",
+      "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight", "b_gate": "mlp.gate_proj.bias",
+      "b_up": "mlp.up_proj.bias", "b_down": "mlp.down_proj.bias"}
+# Model parameters that fuse several checkpoint tensors, each split shard by shard ([q_0 k_0 v_0 | q_1 ...]).
+FUSED = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "w_gate_up": ("w_gate", "w_up"),
+         "b_gate_up": ("b_gate", "b_up")}
+COLUMN_SPLIT = {"wq", "wk", "wv", "bq", "bk", "bv", "w_gate", "w_up", "b_gate", "b_up"}  # split over T by columns
+ROW_SPLIT = {"wo", "w_down"}                                                               # by input rows
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint):
+    path, _ = tiny_checkpoint(**VARIANT)
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+    return path, state
+
+
+def canonical(state, name, layer):
+    """The checkpoint tensor in jaxpipe's orientation ([in, out] matrices), straight from safetensors."""
+    w = state[f"model.layers.{layer}.{HF[name]}"]
+    return w.T if w.ndim == 2 else w
+
+
+def tensor_block(state, name, layer, t, tp):
+    """What tensor shard t of tp holds of one layer's parameter ``name`` (a model parameter name)."""
+    if name in FUSED:
+        return np.concatenate([tensor_block(state, n, layer, t, tp) for n in FUSED[name]], axis=-1)
+    w = canonical(state, name, layer)
+    if name in COLUMN_SPLIT:
+        if name[-1] in "kv" and KV % tp:
+            # fewer KV heads than shards: shard t holds the KV head its query heads read
+            head = (t * (HEADS // tp)) // (HEADS // KV)
+            return w[..., head * D:(head + 1) * D]
+        return np.split(w, tp, axis=-1)[t]
+    if name in ROW_SPLIT:
+        return np.split(w, tp, axis=0)[t]
+    return w  # norms, bo, b_down: whole on every tensor shard
+
+
+def device_coords(mesh, device):
+    (s, t), = np.argwhere(mesh.devices == device)
+    return int(s), int(t)
+
+
+@pytest.mark.parametrize("stages,tp", LAYOUTS, ids=["pp2", "pp2xtp2"])
+def test_parameter_shards_hold_their_stage_layers(stages, tp, checkpoint):
+    path, state = checkpoint
+    llm = LLM(model=str(path), dtype="float32", max_model_len=64, pipeline_parallel_size=stages,
+              tensor_parallel_size=tp, progress=False)
+    assert list(llm.layout.layer_counts) == COUNTS and llm.layout.slots_per_stage == SLOTS
+    layers = llm.params["layers"]
+    query = "wq" if "wq" in layers else "wqkv"
+    q_cols = HEADS * D // tp + (0 if query == "wq" else 2 * max(1, KV // tp) * D)
+    for name, arr in layers.items():
+        shards = arr.addressable_shards
+        assert len(shards) == stages * tp, name
+        for shard in shards:
+            s, t = device_coords(llm.mesh, shard.device)
+            data = np.asarray(shard.data)
+            if name == query:
+                assert data.shape == (SLOTS, H, q_cols)
+            assert data.shape[0] == SLOTS, name
+            for j in range(SLOTS):
+                if j < COUNTS[s]:
+                    want = tensor_block(state, name, OFFSETS[s] + j, t, tp)
+                    np.testing.assert_array_equal(data[j], want, err_msg=f"{name} stage {s} shard {t} slot {j}")
+                else:
+                    assert not data[j].any(), f"{name}: the empty slot of stage {s} should be zeros"
+
+    embed = state["model.embed_tokens.weight"]
+    n_dev = stages * tp
+    rows = -(-embed.shape[0] // n_dev)
+    for shard in llm.params["embed"].addressable_shards:
+        s, t = device_coords(llm.mesh, shard.device)
+        k = s * tp + t                                  # the vocabulary is split over stage x tensor
+        data = np.asarray(shard.data)
+        assert data.shape == (rows, H)
+        np.testing.assert_array_equal(data[: max(0, min(rows, embed.shape[0] - k * rows))],
+                                      embed[k * rows:(k + 1) * rows])
+
+    # The memory plan's weight bytes are what each device holds.
+    plan = partition.plan_memory(llm.cfg, llm.layout, dtype=np.float32, max_model_len=64, batch=1,
+                                 device_bytes=None)
+    held = {}
+    for arr in jax.tree.leaves(llm.params):
+        for shard in arr.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    for device, nbytes in held.items():
+        s, _ = device_coords(llm.mesh, device)
+        want = plan.stages[s].weight_bytes
+        assert nbytes == want, f"device {device} holds {nbytes} B of parameters; the plan says {want} B"
+
+    # KV cache: each device has its stage's layer slots and KV heads / T.
+    geo = Geometry(microbatches=2, rows=2, cache_len=128)
+    cache = llm.model.new_cache(geo)
+    for arr in (cache.k, cache.v):
+        assert arr.shape == (stages * SLOTS, 4, max(KV, tp) if KV % tp else KV, 128, D)
+        for shard in arr.addressable_shards:
+            s, t = device_coords(llm.mesh, shard.device)
+            assert shard.data.shape == (SLOTS, 4, max(1, KV // tp), 128, D)
+            assert shard.index[0] == slice(s * SLOTS, (s + 1) * SLOTS)
+
+
+class RecordingReader:
+    """A checkpoint reader that records every read together with the array shard being built."""
+
+    def __init__(self, reader):
+        self._reader = reader
+        self.current = None      # (parameter path, shard index) while a shard callback runs
+        self.reads = []          # (current, name, layer, rows)
+
+    def __getattr__(self, attr):
+        return getattr(self._reader, attr)
+
+    def read(self, name, layer=None, rows=None):
+        self.reads.append((self.current, name, layer, rows))
+        return self._reader.read(name, layer=layer, rows=rows)
+
+
+def index_key(index, shape):
+    return tuple(s.indices(n) for s, n in zip(index, shape))
+
+
+@pytest.mark.parametrize("stages,tp", LAYOUTS, ids=["pp2", "pp2xtp2"])
+def test_loading_reads_only_each_stage_layers(stages, tp, checkpoint, monkeypatch):
+    path, _ = checkpoint
+    reader = RecordingReader(open_checkpoint(path))
+    cfg = reader.config
+    layout = partition.make_layout(cfg, stages, tp)
+    mesh = partition.make_mesh(layout, jax.devices())
+    model = PipelineModel(cfg, layout, mesh, np.float32)
+
+    building = {}
+    original = jax.make_array_from_callback
+
+    def recording_make_array(shape, sharding, callback, *args, **kwargs):
+        path_ = building["path"]
+        building[path_] = (shape, sharding)
+
+        def cb(index):
+            reader.current = (path_, index_key(index, shape))
+            try:
+                return callback(index)
+            finally:
+                reader.current = None
+
+        return original(shape, sharding, cb, *args, **kwargs)
+
+    monkeypatch.setattr(jax, "make_array_from_callback", recording_make_array)
+    params = loading.load_params(reader, model, progress=lambda p: building.__setitem__("path", p))
+    jax.block_until_ready(params)
+
+    assert all(cur is not None for cur, *_ in reader.reads), "every read happens inside a shard callback"
+    per_device = {d: set() for d in mesh.devices.flat}
+    vocab_rows = {d: [] for d in mesh.devices.flat}
+    for (param, index), name, layer, rows in reader.reads:
+        shape, sharding = building[param]
+        devices = [d for d, idx in sharding.devices_indices_map(shape).items() if index_key(idx, shape) == index]
+        assert devices, (param, index)
+        for d in devices:
+            if layer is not None:
+                per_device[d].add((name, layer))
+            elif rows is not None:
+                vocab_rows[d].append((name, rows))
+
+    names = sorted({n for n, layer in (k if isinstance(k, tuple) else (k, None)
+                                       for k in reader.tensor_names()) if layer is not None})
+    everything = set()
+    for s in range(stages):
+        stage_set = {(n, layer) for layer in range(OFFSETS[s], OFFSETS[s] + COUNTS[s]) for n in names}
+        union = set()
+        for t in range(tp):
+            got = per_device[mesh.devices[s, t]]
+            assert got <= stage_set, f"stage {s} shard {t} read other stages' tensors: {sorted(got - stage_set)}"
+            if tp == 1:
+                assert got == stage_set
+            union |= got
+        assert union == stage_set, f"stage {s} missed {sorted(stage_set - union)}"
+        everything |= union
+    assert len(everything) == cfg.num_layers * len(names)
+
+    # Vocabulary tensors: each device reads only its own rows, never the whole table.
+    n_dev = stages * tp
+    per = -(-cfg.vocab_size // n_dev)
+    for s in range(stages):
+        for t in range(tp):
+            k = s * tp + t
+            reads = vocab_rows[mesh.devices[s, t]]
+            assert reads, "each device reads its embedding rows"
+            for name, rows in reads:
+                assert rows.start >= k * per and rows.stop <= min((k + 1) * per, cfg.vocab_size), (name, rows)
