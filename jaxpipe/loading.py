@@ -14,7 +14,6 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 
 from jaxpipe.config import LlamaConfig
-from jaxpipe.partition import Layout
 from jaxpipe.pipeline import PipelineModel, map_paths
 
 # Model parameters made of several checkpoint tensors: their columns are concatenated shard by shard
@@ -97,8 +96,3 @@ def load_params(reader: Any, model: PipelineModel, *, progress: Callable[[str], 
 
     return map_paths(build, model.abstract_params)
 
-
-def stage_tensor_names(layout: Layout, stage: int, names: list[str]) -> list[tuple[str, int]]:
-    """The (tensor, layer) pairs one stage reads: for tests and for the plan's documentation."""
-    first = layout.layer_offsets[stage]
-    return [(n, layer) for layer in range(first, first + layout.layer_counts[stage]) for n in names]

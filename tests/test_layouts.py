@@ -129,3 +129,25 @@ def test_tiny_tensor_parallel_8(tiny_expected):
     llm, got = tiny_generate(path, tensor_parallel_size=8)
     assert llm.layout.num_devices == 8
     assert got == want
+
+
+# -- the eight-device layouts of Llama-2-70B's benchmark (issue 6), on a tiny model ------------------------
+
+TINY_8 = dict(layers=8, heads=8, kv_heads=8, seed=3)
+EIGHT_DEVICE_LAYOUTS = {
+    "pp8_m8": dict(pipeline_parallel_size=8, num_microbatches=8),
+    "pp4xtp2": dict(pipeline_parallel_size=4, tensor_parallel_size=2),
+    "pp2xtp4": dict(pipeline_parallel_size=2, tensor_parallel_size=4),
+    "tp8": dict(tensor_parallel_size=8),
+}
+
+
+@pytest.mark.parametrize("name", list(EIGHT_DEVICE_LAYOUTS))
+def test_eight_device_layouts(name, tiny_checkpoint, hf_greedy):
+    path, hf = tiny_checkpoint(**TINY_8)
+    prompts = TINY_PROMPTS + [[9, 8, 7], [200, 100, 50, 25]]  # 8 prompts: one row per microbatch at M = 8
+    params = SamplingParams(temperature=0.0, max_tokens=TINY_NEW, ignore_eos=True)
+    llm = LLM(model=str(path), dtype="float32", max_model_len=64, progress=False, **EIGHT_DEVICE_LAYOUTS[name])
+    assert llm.layout.num_devices == 8
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == [hf_greedy(hf, p, TINY_NEW) for p in prompts]
