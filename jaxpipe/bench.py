@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxpipe import partition
 from jaxpipe.config import LlamaConfig
+from jaxpipe.argtypes import positive_int
 from jaxpipe.pipeline import Geometry, PipelineModel, greedy_sampler
 from jaxpipe.presets import load_preset, preset_names
 
@@ -129,28 +130,18 @@ def bench(cfg: LlamaConfig, *, pp: int, tp: int, microbatches: int, batch: int, 
     return result
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The benchmark's flags (shared by ``jaxpipe bench`` and ``tools/bench_decode.py``)."""
     parser.add_argument("--preset", default="llama-2-7b",
                         help=f"model shapes (random weights): {', '.join(preset_names())} (default: llama-2-7b)")
-    parser.add_argument("--pp", type=_positive_int, nargs="+", default=[1],
+    parser.add_argument("--pp", type=positive_int, nargs="+", default=[1],
                         help="pipeline stages; several values run one after another (default: 1)")
-    parser.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel shards per stage (default: 1)")
-    parser.add_argument("--microbatches", type=_positive_int, default=None, help="default: equal to --pp")
-    parser.add_argument("--batch", type=_positive_int, nargs="+", default=[1, 16],
+    parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel shards per stage (default: 1)")
+    parser.add_argument("--microbatches", type=positive_int, default=None, help="default: equal to --pp")
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 16],
                         help="rows per microbatch; several values run one after another (default: 1 16)")
-    parser.add_argument("--prompt-len", type=_positive_int, default=128, help="prompt tokens (default: 128)")
-    parser.add_argument("--new-tokens", type=_positive_int, default=128, help="decode steps (default: 128)")
+    parser.add_argument("--prompt-len", type=positive_int, default=128, help="prompt tokens (default: 128)")
+    parser.add_argument("--new-tokens", type=positive_int, default=128, help="decode steps (default: 128)")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES, help="default: bfloat16")
     parser.add_argument("--unroll", default="1", help="layer-loop unroll: an int, or 'full'")
     parser.add_argument("--bandwidth-gbps", type=float, default=None,

@@ -20,6 +20,7 @@ import tempfile
 from typing import Any, Sequence
 
 from jaxpipe import distributed
+from jaxpipe.argtypes import positive_float, positive_int
 from jaxpipe.errors import JaxpipeError, LayoutError
 
 PROG = "jaxpipe"
@@ -51,26 +52,6 @@ def _layer_partition(text: str) -> tuple[int, ...]:
     return counts
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
 def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """The model and layout options, with the same help text in every sub-command."""
     from jaxpipe.presets import preset_names
@@ -81,14 +62,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
         help="an HF safetensors directory, a .gguf file or a `jaxpipe convert` directory (default: "
              "SmolLM2-135M-Instruct, converted once into $JAXPIPE_CACHE or ~/.cache/jaxpipe); `plan` also "
              f"takes a shape preset: {', '.join(preset_names())}")
-    group.add_argument("--pipeline-parallel-size", "-pp", metavar="S", type=_positive_int, default=1,
+    group.add_argument("--pipeline-parallel-size", "-pp", metavar="S", type=positive_int, default=1,
                        help="pipeline stages, each a block of consecutive layers on its own devices (default: 1)")
-    group.add_argument("--tensor-parallel-size", "-tp", metavar="T", type=_positive_int, default=1,
+    group.add_argument("--tensor-parallel-size", "-tp", metavar="T", type=positive_int, default=1,
                        help="tensor-parallel shards per stage; must divide the attention heads (default: 1)")
     group.add_argument("--layer-partition", metavar="N,N,...", type=_layer_partition, default=None,
                        help="layers per stage, e.g. 8,7,7,8 (default: L // S each, the remainder added from the "
                             "second-to-last stage backwards, as vLLM splits)")
-    group.add_argument("--max-model-len", metavar="N", type=_positive_int, default=None,
+    group.add_argument("--max-model-len", metavar="N", type=positive_int, default=None,
                        help="longest sequence, prompt + generated tokens (default: the model's "
                             "max_position_embeddings)")
     group.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
@@ -150,7 +131,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-sequence token")
     g.add_argument("--n", type=int, default=1, help="completions per prompt (needs --temperature > 0)")
     r = p.add_argument_group("running")
-    r.add_argument("--num-microbatches", metavar="M", type=_positive_int, default=None,
+    r.add_argument("--num-microbatches", metavar="M", type=positive_int, default=None,
                    help="microbatches in flight in the pipeline (default: the number of stages)")
     r.add_argument("--output", metavar="F.jsonl", help="also write the completions as JSON Lines (see below)")
     r.add_argument("--quiet", action="store_true", help="print only the text: no progress bars, no summary")
@@ -427,14 +408,14 @@ def _add_plan(sub) -> None:
                    help="checkpoint path or preset name (the same as --model)")
     add_model_arguments(p)
     g = p.add_argument_group("what to plan for")
-    g.add_argument("--batch", metavar="B", type=_positive_int, default=1,
+    g.add_argument("--batch", metavar="B", type=positive_int, default=1,
                    help="sequences decoded together, all microbatches included (default: 1)")
-    g.add_argument("--devices", metavar="N", type=_positive_int, default=None,
+    g.add_argument("--devices", metavar="N", type=positive_int, default=None,
                    help="devices to compare layouts over (default: the devices JAX sees, or the requested "
                         "layout's count if more)")
-    g.add_argument("--device-memory-gib", metavar="X", type=_positive_float, default=None,
+    g.add_argument("--device-memory-gib", metavar="X", type=positive_float, default=None,
                    help="memory per device in GiB (default: what the first JAX device reports)")
-    g.add_argument("--bandwidth-gbps", metavar="X", type=_positive_float, default=None,
+    g.add_argument("--bandwidth-gbps", metavar="X", type=positive_float, default=None,
                    help="memory bandwidth per device in GB/s (default: H100 3350, H200 4800 from the "
                         "datasheets, 100 for a CPU)")
     _add_debug(p)

