@@ -155,7 +155,8 @@ def max_batch(cfg: LlamaConfig, layout: partition.Layout, *, dtype, max_model_le
 
 
 def compare_layouts(cfg: LlamaConfig, devices: int, *, dtype, batch: int, max_model_len: int,
-                    device_bytes: int | None, bandwidth_gbps: float) -> list[dict[str, Any]]:
+                    device_bytes: int | None, bandwidth_gbps: float,
+                    collective_us: float = COLLECTIVE_LATENCY_US) -> list[dict[str, Any]]:
     """Memory and decode estimates for every layout of ``devices`` devices the model allows.
 
     One dict per layout (pipeline-heaviest first) with keys ``layout`` (a ``partition.Layout``),
@@ -180,12 +181,12 @@ def compare_layouts(cfg: LlamaConfig, devices: int, *, dtype, batch: int, max_mo
                                "layer_counts": list(layout.layer_counts), "plan": plan,
                                "peak_bytes": plan.peak_bytes, "fits": plan.fits}
         row.update(estimate(cfg, layout, dtype=dtype, batch=batch, max_model_len=max_model_len,
-                            bandwidth_gbps=bandwidth_gbps))
+                            bandwidth_gbps=bandwidth_gbps, collective_us=collective_us))
         mb = max_batch(cfg, layout, dtype=dtype, max_model_len=max_model_len, device_bytes=device_bytes)
         row["max_batch"] = mb
         row["max_throughput_tok_s"] = (0.0 if mb == 0 else estimate(
             cfg, layout, dtype=dtype, batch=mb, max_model_len=max_model_len,
-            bandwidth_gbps=bandwidth_gbps)["throughput_tok_s"])
+            bandwidth_gbps=bandwidth_gbps, collective_us=collective_us)["throughput_tok_s"])
         rows.append(row)
     return rows
 

@@ -206,8 +206,9 @@ def test_planning_formulas():
 
     cfg = load_preset("llama-2-70b")
     f16 = np.dtype(np.float16)
+    # Bytes over bandwidth alone first (no collective latency); the latency term is checked below.
     rows = planning.compare_layouts(cfg, 4, dtype=f16, batch=8, max_model_len=4096, device_bytes=80 << 30,
-                                    bandwidth_gbps=1000.0)
+                                    bandwidth_gbps=1000.0, collective_us=0.0)
     by = {(r["pipeline"], r["tensor"]): r for r in rows}
     assert set(by) == {(4, 1), (2, 2), (1, 4)}
     pp4, tp4 = by[4, 1], by[1, 4]
@@ -225,6 +226,12 @@ def test_planning_formulas():
     assert tp4["tick_ms"] == pytest.approx((80 * (layer + kv) + head) / 1e12 * 1e3, rel=1e-3)
     rec = planning.recommend(rows)
     assert rec["lowest_latency"] is tp4 and rec["highest_throughput"] is tp4
+    # Each tick adds 30 us per collective: 4 per tick on several devices, plus 2 per layer with TP.
+    with_comm = planning.compare_layouts(cfg, 4, dtype=f16, batch=8, max_model_len=4096,
+                                         device_bytes=80 << 30, bandwidth_gbps=1000.0, collective_us=30.0)
+    for r, c in zip(rows, with_comm):
+        n = 4 + (2 * max(r["layer_counts"]) if r["tensor"] > 1 else 0)
+        assert c["tick_ms"] == pytest.approx(r["tick_ms"] + n * 0.030)
     assert 0 < tp4["max_batch"] < planning.MAX_BATCH_SEARCH
     # Heads decide which layouts exist: SmolLM2's 9 heads and 1536 MLP columns rule out TP 2 and 4.
     small = planning.layout_candidates(load_preset("smollm2-135m"), 4)

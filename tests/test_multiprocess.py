@@ -22,10 +22,17 @@ WORKER = Path(__file__).resolve().parent / "mp_worker.py"
 TOTAL_BUDGET_S = 240          # the whole module
 LAYOUTS = ["4x1", "2x2"]      # PP x TP over 4 devices
 MAX_TOKENS = 8
-_T_START = time.monotonic()
+_T_START: float | None = None  # set when the module's first test starts, not at collection
 
 sys.path.insert(0, str(WORKER.parent))
 from mp_worker import PROMPTS  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_clock():
+    global _T_START
+    _T_START = time.monotonic()
+    yield
 
 
 def _left() -> float:
