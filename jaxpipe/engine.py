@@ -123,11 +123,11 @@ class Engine:
     # -- one wave ---------------------------------------------------------------------------------
 
     def run(self, rows: list[Row], on_token: Callable[[TokenEvent], bool], *,
-            record_logits: bool = False) -> tuple[WaveStats, list[np.ndarray] | None]:
+            record_logits: bool = False) -> tuple[WaveStats, tuple[list, list] | None]:
         """Generate for ``rows``; ``on_token`` returns True once its row has finished (stop string, EOS).
 
-        Returns timing stats and, when ``record_logits``, each row's float32 logits per generated token
-        (for tests against a reference).
+        Returns timing stats and, when ``record_logits``, ``(prefill logits per row [len, V], logits
+        per generated token per row)`` in float32 (for tests against a reference).
         """
         pm, stats = self.model, WaveStats()
         n = len(rows)
