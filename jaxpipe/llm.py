@@ -141,6 +141,11 @@ class LLM:
         self.max_num_seqs = max_num_seqs
 
         self.layout = partition.make_layout(cfg, pipeline_parallel_size, tensor_parallel_size, layer_partition)
+        if devices is not None and len(devices) != self.layout.num_devices:
+            raise LayoutError(
+                f"{len(devices)} devices were given but pipeline_parallel_size x tensor_parallel_size = "
+                f"{self.layout.stages} x {self.layout.tensor_parallel} = {self.layout.num_devices}; pass "
+                f"exactly {self.layout.num_devices} devices or change the sizes")
         devices = list(jax.devices() if devices is None else devices)
         self.mesh = partition.make_mesh(self.layout, devices)
         if distributed.is_initialized():

@@ -191,3 +191,13 @@ def test_llm_refuses_a_model_too_large_before_loading(tiny_checkpoint, monkeypat
     monkeypatch.setattr(jaxpipe.llm, "load_params", no_loading)
     with pytest.raises(MemoryPlanError, match="DOES NOT FIT"):
         LLM(model=str(path), dtype="float32", max_model_len=64, pipeline_parallel_size=2, progress=False)
+
+
+def test_devices_that_do_not_match_the_layout_are_refused_before_loading(tiny_checkpoint, monkeypatch):
+    """An explicit device list must have exactly pipeline x tensor devices."""
+    from jaxpipe import llm as llm_module
+
+    path, _ = tiny_checkpoint(layers=4, heads=4, kv_heads=2)
+    monkeypatch.setattr(llm_module, "load_params", lambda *a, **k: pytest.fail("loaded weights"))
+    with pytest.raises(LayoutError, match=r"3 devices were given .* 2 x 1 = 2"):
+        LLM(model=str(path), pipeline_parallel_size=2, devices=jax.devices()[:3], progress=False)
