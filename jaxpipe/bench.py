@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpipe import partition
+from jaxpipe import partition, planning
 from jaxpipe.config import LlamaConfig
 from jaxpipe.argtypes import positive_int
 from jaxpipe.pipeline import Geometry, PipelineModel, greedy_sampler
@@ -101,15 +101,13 @@ def bench(cfg: LlamaConfig, *, pp: int, tp: int, microbatches: int, batch: int, 
         times.append(time.perf_counter() - t0)
     tick_s = float(np.median(times)) / ticks
 
+    # Bytes per tick of the busiest device, from the same model as `jaxpipe plan`: with the KV cache at
+    # the mean context (what must be read) and at the whole static cache (what attention reads).
     nbytes = np.dtype(dtype).itemsize
-    layer_bytes = partition._layer_bytes_per_shard(cfg, tp, nbytes)
-    slots = layout.slots_per_stage
-    head_bytes = layout.padded_vocab(cfg.vocab_size) * cfg.hidden_size * nbytes // layout.num_devices
-    weights_per_device = slots * layer_bytes + head_bytes
-    kv_heads = partition.kv_heads_per_shard(cfg, tp)
-    avg_len = prompt_len + new_tokens / 2
-    kv_min = 2 * slots * b * kv_heads * avg_len * cfg.head_dim * nbytes
-    kv_read = 2 * slots * b * kv_heads * cache_len * cfg.head_dim * nbytes
+    weights_per_device = max(planning.read_bytes_per_tick(cfg, layout, nbytes, b, 0))
+    bytes_min = max(planning.read_bytes_per_tick(cfg, layout, nbytes, b, prompt_len + new_tokens / 2))
+    bytes_read = max(planning.read_bytes_per_tick(cfg, layout, nbytes, b, cache_len))
+    kv_min = bytes_min - weights_per_device
     result = {
         "bench": "jaxpipe_decode", "device": jax.devices()[0].device_kind, "n_devices": layout.num_devices,
         "pp": pp, "tp": tp, "microbatches": M, "batch_per_microbatch": b, "ring_slots": R,
@@ -124,8 +122,8 @@ def bench(cfg: LlamaConfig, *, pp: int, tp: int, microbatches: int, batch: int, 
     }
     if bandwidth_gbps:
         result["bandwidth_gbps"] = bandwidth_gbps
-        result["mbu"] = (weights_per_device + kv_min) / tick_s / (bandwidth_gbps * 1e9)
-        result["mbu_read"] = (weights_per_device + kv_read) / tick_s / (bandwidth_gbps * 1e9)
+        result["mbu"] = bytes_min / tick_s / (bandwidth_gbps * 1e9)
+        result["mbu_read"] = bytes_read / tick_s / (bandwidth_gbps * 1e9)
     del params, state, cache
     return result
 

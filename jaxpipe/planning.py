@@ -104,9 +104,10 @@ def layout_candidates(cfg: LlamaConfig, devices: int) -> list[partition.Layout]:
     return out
 
 
-def _read_bytes(cfg: LlamaConfig, layout: partition.Layout, nbytes: int, rows: int,
-                max_model_len: int) -> list[int]:
-    """Bytes one device of each stage reads per tick for a microbatch of ``rows`` rows."""
+def read_bytes_per_tick(cfg: LlamaConfig, layout: partition.Layout, nbytes: int, rows: int,
+                        max_model_len: float) -> list[float]:
+    """Bytes one device of each stage reads per tick for a microbatch of ``rows`` rows whose KV cache
+    holds ``max_model_len`` positions (a mean context length works too)."""
     T = layout.tensor_parallel
     layer_w = partition._layer_bytes_per_shard(cfg, T, nbytes)
     layer_kv = 2 * rows * partition.kv_heads_per_shard(cfg, T) * max_model_len * cfg.head_dim * nbytes
@@ -127,7 +128,7 @@ def estimate(cfg: LlamaConfig, layout: partition.Layout, *, dtype, batch: int, m
     M = min(S, batch)
     b = -(-batch // M)
     bw = bandwidth_gbps * 1e9
-    tick = max(_read_bytes(cfg, layout, partition.dtype_bytes(dtype), b, max_model_len)) / bw
+    tick = max(read_bytes_per_tick(cfg, layout, partition.dtype_bytes(dtype), b, max_model_len)) / bw
     tick += collectives_per_tick(layout) * collective_us * 1e-6
     latency = S * tick
     return {"microbatches": M, "rows_per_microbatch": b, "tick_ms": tick * 1e3,
