@@ -31,6 +31,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxpipe.outputs import CompletionOutput, RequestOutput
@@ -65,8 +66,12 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def _sse(obj: dict[str, Any] | str) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+def _sse(obj: BaseModel | dict[str, Any] | str, exclude: set[str] | None = None) -> str:
+    if isinstance(obj, BaseModel):
+        text = obj.model_dump_json(exclude=exclude)
+    else:
+        text = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+    return f"data: {text}\n\n"
 
 
 def _engine_error(e: BaseException) -> ApiError:
@@ -335,7 +340,7 @@ class OpenAIServer:
 
         def chunk(choices: list[p.CompletionChoice], final_usage: p.UsageInfo | None = None) -> str:
             body = p.CompletionResponse(id=request_id, model=model, choices=choices, usage=final_usage)
-            return _sse(body.model_dump(exclude=None if include_usage else {"usage"}))
+            return _sse(body, exclude=None if include_usage else {"usage"})
 
         try:
             async for tag, out in self._outputs(queue, len(ids), timers):
@@ -457,7 +462,7 @@ class OpenAIServer:
 
         def chunk(choices: list[p.ChatStreamChoice], final_usage: p.UsageInfo | None = None) -> str:
             body = p.ChatCompletionChunk(id=request_id, model=model, choices=choices, usage=final_usage)
-            return _sse(body.model_dump(exclude=None if include_usage else {"usage"}))
+            return _sse(body, exclude=None if include_usage else {"usage"})
 
         try:
             for i in range(n):  # OpenAI's first chunk of each choice names the role
@@ -642,7 +647,7 @@ def run_server(server: OpenAIServer, sock: socket.socket, *, log_level: str = "i
             if not self.should_exit:
                 host, port = sock.getsockname()[:2]
                 shown = f"[{host}]" if ":" in host else host
-                logger.warning("jaxpipe serve: ready at http://%s:%d/v1 (model %s)", shown, port, server.names[0])
+                logger.info("jaxpipe serve: ready at http://%s:%d/v1 (model %s)", shown, port, server.names[0])
 
     config = uvicorn.Config(build_app(server), log_level=log_level, access_log=access_log,
                             timeout_graceful_shutdown=graceful_timeout_s, lifespan="on")
