@@ -1,0 +1,135 @@
+"""Weight-only 8-bit quantization: symmetric, one float32 scale per output channel.
+
+A weight ``w[..., K, N]`` (``x @ w`` contracts K) becomes ``q[..., K, N]`` in int8 or float8_e4m3fn and
+``scale[..., N]`` float32 with ``w ~= q * scale`` column by column. Per output channel, because the scale then
+multiplies a whole output column once, after the f32 accumulation: a kernel applies it once per output tile,
+and a tensor-parallel shard of N carries its own columns' scales.
+
+- int8: ``scale = amax * float32(1/127)``, ``q = round(w / scale)`` (half to even), in [-127, 127] (-128 is
+  never made, so the grid is symmetric).
+- fp8 (e4m3fn): ``scale = amax * float32(1/448)``, ``q = float8(w / scale)`` (round to nearest even; 448 is e4m3fn's
+  largest finite value, and it has no infinities, so the values are clipped to it first).
+
+An all-zero column gets scale 1 (q is 0 there), so dequantization never divides by or multiplies with 0/NaN.
+Both NumPy arrays (quantize on the host, e.g. while loading) and JAX arrays (on device, under ``jit``) are
+accepted; the two give the same bits.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+QuantKind = Literal["int8", "fp8"]
+QUANT_KINDS: tuple[str, ...] = ("int8", "fp8")
+
+# The storage dtype and the largest magnitude used for each kind.
+_DTYPES = {"int8": np.dtype(np.int8), "fp8": np.dtype(ml_dtypes.float8_e4m3fn)}
+_QMAX = {"int8": 127.0, "fp8": 448.0}
+
+
+def check_kind(kind: str) -> str:
+    """Return ``kind`` if it names a supported quantization, else raise a ValueError that lists them."""
+    if kind not in _DTYPES:
+        raise ValueError(f"unknown quantization {kind!r}: expected one of {', '.join(QUANT_KINDS)}")
+    return kind
+
+
+def quant_dtype(kind: str) -> np.dtype:
+    """Storage dtype of the quantized weights of ``kind`` (int8 or float8_e4m3fn)."""
+    return _DTYPES[check_kind(kind)]
+
+
+def qmax(kind: str) -> float:
+    """Largest magnitude a quantized value of ``kind`` takes (127 for int8, 448 for fp8 e4m3fn)."""
+    return _QMAX[check_kind(kind)]
+
+
+def kind_of(dtype) -> str | None:
+    """The quantization kind stored in ``dtype``, or None for a plain float dtype."""
+    dtype = np.dtype(dtype)
+    for kind, d in _DTYPES.items():
+        if dtype == d:
+            return kind
+    return None
+
+
+def is_quantized(w) -> bool:
+    """True when ``w``'s dtype holds quantized values (int8 or float8_e4m3fn)."""
+    return kind_of(w.dtype) is not None
+
+
+def quantize(w, kind: str):
+    """Quantize ``w[..., K, N]`` per output channel (over K): returns ``(q[..., K, N], scale[..., N])``.
+
+    ``scale`` is float32. NumPy in, NumPy out; a JAX array (or tracer) in, JAX arrays out.
+    """
+    check_kind(kind)
+    if w.ndim < 2:
+        raise ValueError(f"quantize needs a weight [..., K, N], got shape {tuple(w.shape)}")
+    xp = np if isinstance(w, np.ndarray) else jnp
+    w = xp.asarray(w, dtype=xp.float32)
+    amax = xp.max(xp.abs(w), axis=-2)
+    # amax * (1/qmax) rather than amax / qmax: XLA rewrites a division by a constant into this product,
+    # and NumPy must give the same bits.
+    scale = xp.where(amax > 0, amax * xp.float32(1.0 / _QMAX[kind]), xp.float32(1.0)).astype(xp.float32)
+    r = w / scale[..., None, :]
+    if kind == "int8":
+        q = xp.clip(xp.round(r), -127, 127).astype(_DTYPES[kind])
+    else:
+        q = xp.clip(r, -448.0, 448.0).astype(_DTYPES[kind])
+    return q, scale
+
+
+def dequantize(q, scale, dtype=jnp.float32):
+    """``q * scale`` column by column (the product in float32), cast to ``dtype``."""
+    xp = np if isinstance(q, np.ndarray) and isinstance(scale, np.ndarray) else jnp
+    return (xp.asarray(q).astype(xp.float32) * xp.asarray(scale, xp.float32)[..., None, :]).astype(dtype)
+
+
+def fake_quantize(w, kind: str):
+    """``dequantize(*quantize(w, kind))`` in ``w``'s dtype: what the model computes with, for accuracy studies."""
+    q, scale = quantize(w, kind)
+    return dequantize(q, scale, w.dtype)
+
+
+def error_bound(w, scale, kind: str):
+    """Elementwise bound on ``|w - dequantize(quantize(w))|`` (exact rounding; float32 slack included).
+
+    int8: half a step, ``scale / 2``. fp8 e4m3fn: half an ulp, ``2**-4 * |w|`` in the normal range and
+    ``2**-10 * scale`` (half the subnormal spacing of 2**-9) below it.
+    """
+    xp = np if isinstance(w, np.ndarray) else jnp
+    w = xp.abs(xp.asarray(w, xp.float32))
+    s = xp.asarray(scale, xp.float32)[..., None, :]
+    slack = 4 * np.finfo(np.float32).eps * (w + s)
+    if check_kind(kind) == "int8":
+        return s / 2 + slack
+    return xp.maximum(w * 2.0 ** -4, s * 2.0 ** -10) + slack
+
+
+def nbytes(shape: tuple[int, ...], kind: str | None, dtype=np.float32) -> int:
+    """Bytes that a weight ``shape`` takes: quantized values plus float32 scales, or plain ``dtype``."""
+    n = int(np.prod(shape))
+    if kind is None:
+        return n * np.dtype(dtype).itemsize
+    return n * quant_dtype(kind).itemsize + int(np.prod(shape[:-2] + shape[-1:])) * 4
+
+
+def quantize_tree(params: dict, kind: str, names) -> dict:
+    """Quantize the named entries of a flat ``{name: weight}`` dict: ``name`` -> q, ``name + "_scale"`` ->
+    scale; other entries are returned unchanged."""
+    out = {}
+    for name, w in params.items():
+        if name in names:
+            out[name], out[name + "_scale"] = quantize(w, kind)
+        else:
+            out[name] = w
+    return out
+
+
+__all__ = ["QUANT_KINDS", "QuantKind", "check_kind", "dequantize", "error_bound", "fake_quantize",
+           "is_quantized", "kind_of", "nbytes", "qmax", "quant_dtype", "quantize", "quantize_tree"]
