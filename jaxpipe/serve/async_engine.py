@@ -42,8 +42,8 @@ class AsyncEngine:
     def __init__(self, engine: Any, max_waiting_requests: int, lockstep: bool = False) -> None:
         self.engine = engine
         self.max_waiting_requests = int(max_waiting_requests)
-        # Several processes: the others follow process 0's steps, so it keeps stepping while idle (they
-        # wait on each step's submissions) and steps once more after shutdown() to tell them to stop.
+        # Several processes: the others follow process 0's steps (they wait for each step's submissions),
+        # so after shutdown() process 0 steps once more to tell them to stop.
         self.lockstep = lockstep
         self._live: dict[str, tuple[asyncio.Queue, Any, int]] = {}  # id -> (queue, tag, sequences)
         self._live_seqs = 0
@@ -146,8 +146,7 @@ class AsyncEngine:
         engine = self.engine
         try:
             while not self._stop.is_set():
-                if (not engine.has_unfinished_requests() and not engine.wait_for_requests(_IDLE_WAIT_S)
-                        and not self.lockstep):
+                if not engine.has_unfinished_requests() and not engine.wait_for_requests(_IDLE_WAIT_S):
                     continue
                 try:
                     outputs = engine.step()
