@@ -12,6 +12,10 @@ def _default_xla_flags() -> None:
 
 
 _default_xla_flags()
+# JAX preallocates 75% of a GPU by default; a serving engine sizes its KV cache from what the allocator
+# manages (LLM's gpu_memory_utilization is a fraction of that), so let it manage 95%, as vLLM takes the GPU.
+# An explicit XLA_PYTHON_CLIENT_MEM_FRACTION wins. Only read when JAX starts its GPU backend.
+_os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 
 from jaxpipe.llm import LLM  # noqa: E402

@@ -37,9 +37,12 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer, prompt_token_ids: Iterable[int], params: SamplingParams,
-                 eos_token_ids: int | Iterable[int] | None = None):
+                 eos_token_ids: int | Iterable[int] | None = None, max_tokens: int | None = None):
+        """``max_tokens``: the length at which the sequence finishes with "length" (default
+        ``params.max_tokens``; the engine passes it capped by what max_model_len leaves)."""
         self.tokenizer = tokenizer
         self.params = params
+        self.max_tokens = params.max_tokens if max_tokens is None else max_tokens
         eos = [] if eos_token_ids is None else [eos_token_ids] if isinstance(eos_token_ids, int) \
             else [int(t) for t in eos_token_ids]
         if params.ignore_eos:
@@ -74,15 +77,22 @@ class IncrementalDetokenizer:
                 self.finish_reason = "stop"
             elif token_id in self._stop_ids:
                 self.finish_reason, self.stop_reason = "stop", token_id
-            elif n >= p.max_tokens:
+            elif self.max_tokens is not None and n >= self.max_tokens:
                 self.finish_reason = "length"
         if self.finish_reason == "stop" and not p.include_stop_str_in_output:
             return True  # the stop token's own text is not shown
+        if not p.detokenize:
+            return self.finished
         start = len(self.text)
         self.text += self._decode_next(token_id)
         if p.stop and n > p.min_tokens and len(self.text) > start:
             self._check_stop_strings(new_chars=len(self.text) - start)
         return self.finished
+
+    @property
+    def held_back(self) -> int:
+        """Chars at the end of ``text`` a stop string may still cut (0 once finished)."""
+        return 0 if self.finished else min(self._hold, len(self.text))
 
     def stream_delta(self) -> str:
         """Text finalized since the last call. Until the sequence finishes, the last

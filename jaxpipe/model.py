@@ -18,13 +18,12 @@ import numpy as np
 from flax import nnx
 
 from jaxpipe.config import LlamaConfig
+from jaxpipe.kernels.decode_attention import MASK_VALUE, decode_attention, decode_attention_rows
 
 STAGE_AXIS = "stage"
 TENSOR_AXIS = "tensor"
 # The embedding and lm_head are split by vocabulary rows over every device of the mesh.
 VOCAB_AXES = (STAGE_AXIS, TENSOR_AXIS)
-# Added to masked attention scores; finite so that a row with nothing to attend to stays NaN-free.
-_MASK_VALUE = -1e30
 
 
 class KVCache(NamedTuple):
@@ -35,19 +34,22 @@ class KVCache(NamedTuple):
 
 
 class StepInputs(NamedTuple):
-    """Where a microbatch's new tokens go in the cache and how they are masked.
+    """Where a batch of rows' new tokens go in the cache, and what they attend to.
 
-    row0: first cache row of the microbatch. cache_pos: cache position of the first new token (0 for
-    prefill). rope_pos: ``[b, t]`` rotary positions. kv_start: ``[b]`` first valid cache position of each
-    row (prompts are left-padded). active: whether this step is real; an inactive step (a pipeline bubble)
-    computes but leaves the cache as it was.
+    rows: ``[b]`` cache row of each batch row; an out-of-range row (``>= cache rows``) is padding and writes
+    nothing. row0: the first row when the rows are contiguous (``rows = row0 + arange(b)``, the decode ring's
+    microbatches), else None (prefill gathers its rows). positions: ``[b, t]`` cache positions of the new
+    tokens, which are also their rotary positions (each row's sequence starts at position 0). live: ``[b]``
+    rows whose keys and values are written; a dead row (an empty slot, a pipeline bubble, a request that
+    ended) computes but leaves the cache alone. kv_len: static number of cache positions attention reads
+    (a bucket at least one past the largest position); each token attends to positions ``<=`` its own.
     """
 
-    row0: jax.Array
-    cache_pos: jax.Array
-    rope_pos: jax.Array
-    kv_start: jax.Array
-    active: jax.Array
+    rows: jax.Array
+    row0: jax.Array | None
+    positions: jax.Array
+    live: jax.Array
+    kv_len: int
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
@@ -124,7 +126,7 @@ class DecoderLayers(nnx.Module):
             self.b_gate_up = nnx.Param(jnp.zeros((n, 2 * i), dtype))
             self.b_down = nnx.Param(jnp.zeros((n, h), dtype))
 
-    def _layer(self, i, x, cache: KVCache, step: StepInputs, cos, sin, prefill: bool, tensor_axis):
+    def _layer(self, i, x, cache: KVCache, step: StepInputs, cos, sin, tensor_axis, attention: str):
         cfg = self.cfg
         d = cfg.head_dim
         b, t, _ = x.shape
@@ -143,34 +145,25 @@ class DecoderLayers(nnx.Module):
         k = apply_rope(k.reshape(b, t, n_kv, d), cos, sin)
         v = v.reshape(b, t, n_kv, d)
 
-        # Write the new keys/values into this layer's cache rows; a bubble step rewrites the old values.
-        k_new, v_new = k.transpose(0, 2, 1, 3)[None], v.transpose(0, 2, 1, 3)[None]
-        start = (i, step.row0, 0, step.cache_pos, 0)
-        size = (1, b, n_kv, t, d)
-        k_new = jnp.where(step.active, k_new, jax.lax.dynamic_slice(cache.k, start, size))
-        v_new = jnp.where(step.active, v_new, jax.lax.dynamic_slice(cache.v, start, size))
-        cache = KVCache(jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), start),
-                        jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), start))
+        # Write the new keys/values at each row's own positions; dead and padding rows write nothing
+        # (their row index is pushed out of range and the scatter drops it).
+        n_rows = cache.k.shape[1]
+        rows_w = jnp.where(step.live, step.rows, n_rows)[:, None]
+        cache = KVCache(cache.k.at[i, rows_w, :, step.positions].set(k.astype(cache.k.dtype), mode="drop"),
+                        cache.v.at[i, rows_w, :, step.positions].set(v.astype(cache.v.dtype), mode="drop"))
 
-        qg = q.reshape(b, t, n_kv, group, d)
-        if prefill:
-            # The cache was empty: attend to the prompt's own keys, causally, skipping the left padding.
-            keys, values = k_new[0], v_new[0]  # [b, kv, t, d]
-            q_pos = jnp.arange(t)[:, None]
-            k_pos = jnp.arange(t)[None, :]
-            valid = (k_pos <= q_pos)[None] & (k_pos >= step.kv_start[:, None, None])  # [b, tq, tk]
+        if t == 1:
+            # A dead row (free slot, bubble) attends to nothing: its stale cache is never read.
+            lengths = jnp.where(step.live, step.positions[:, 0] + 1, 0)
+            qg = q.reshape(b, n_kv, group, d)
+            if step.row0 is not None:
+                attn = decode_attention(qg, cache.k, cache.v, i, step.row0, lengths, kv_len=step.kv_len,
+                                        impl=attention)
+            else:
+                attn = decode_attention_rows(qg, cache.k, cache.v, i, step.rows, lengths, kv_len=step.kv_len)
+            attn = attn.reshape(b, 1, -1)
         else:
-            t_cache = cache.k.shape[3]
-            keys = jax.lax.dynamic_slice(cache.k[i], (step.row0, 0, 0, 0), (b, n_kv, t_cache, d))
-            values = jax.lax.dynamic_slice(cache.v[i], (step.row0, 0, 0, 0), (b, n_kv, t_cache, d))
-            k_pos = jnp.arange(t_cache)[None, None, :]
-            q_pos = step.cache_pos + jnp.arange(t)[None, :, None]
-            valid = (k_pos <= q_pos) & (k_pos >= step.kv_start[:, None, None])  # [b, tq, tk]
-        scores = jnp.einsum("bqkgd,bktd->bkgqt", qg, keys.astype(qg.dtype),
-                            preferred_element_type=jnp.float32) * (d ** -0.5)
-        scores = jnp.where(valid[:, None, None], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        attn = jnp.einsum("bkgqt,bktd->bqkgd", probs, values.astype(x.dtype)).reshape(b, t, -1)
+            attn = _prefill_attention(q.reshape(b, t, n_kv, group, d), cache, i, step)
         out = _dot(attn, p("wo"))
         out = jax.lax.psum(out, tensor_axis) if tensor_axis else out
         if cfg.attention_bias:
@@ -188,22 +181,38 @@ class DecoderLayers(nnx.Module):
             out = out + p("b_down")
         return x + out, cache
 
-    def __call__(self, x: jax.Array, cache: KVCache, step: StepInputs, *, num_layers, prefill: bool,
-                 tensor_axis: str | None = TENSOR_AXIS, unroll: int | bool = 1) -> tuple[jax.Array, KVCache]:
-        """Run the first ``num_layers`` stacked layers (an int, or a traced count for uneven stages).
-
-        Padded layer slots past ``num_layers`` are skipped, not computed.
-        """
+    def __call__(self, x: jax.Array, cache: KVCache, step: StepInputs, *, num_layers,
+                 tensor_axis: str | None = TENSOR_AXIS, unroll: int | bool = 1,
+                 attention: str = "xla") -> tuple[jax.Array, KVCache]:
+        """Run the first ``num_layers`` stacked layers (an int, or a traced count for uneven stages) on
+        ``x [b, t, H]``, tokens at ``step.positions``. ``attention`` picks the decode attention kernel
+        (see ``jaxpipe.kernels.decode_attention``). Padded layer slots past ``num_layers`` are skipped."""
         inv_freq = jnp.asarray(rope_inv_freq(self.cfg))
-        freqs = step.rope_pos.astype(jnp.float32)[..., None] * inv_freq
+        freqs = step.positions.astype(jnp.float32)[..., None] * inv_freq
         cos, sin = jnp.cos(freqs), jnp.sin(freqs)
 
         def body(i, carry):
-            return self._layer(i, *carry, step, cos, sin, prefill, tensor_axis)
+            return self._layer(i, *carry, step, cos, sin, tensor_axis, attention)
 
         if isinstance(num_layers, int):
             return jax.lax.fori_loop(0, num_layers, body, (x, cache), unroll=unroll)
         return jax.lax.fori_loop(0, num_layers, body, (x, cache))
+
+
+def _prefill_attention(qg: jax.Array, cache: KVCache, layer, step: StepInputs) -> jax.Array:
+    """Chunk attention: queries ``[b, t, kv, g, d]`` at ``step.positions`` over their rows' cache (the chunk's
+    own keys were just written there, earlier chunks before them), causally, up to ``step.kv_len``."""
+    b, t, n_kv, group, d = qg.shape
+    rows = jnp.clip(step.rows, 0, cache.k.shape[1] - 1)
+    keys = cache.k[layer, rows, :, : step.kv_len]     # [b, kv, T, d]
+    values = cache.v[layer, rows, :, : step.kv_len]
+    k_pos = jnp.arange(step.kv_len)[None, None, :]
+    valid = k_pos <= step.positions[:, :, None]        # [b, tq, tk]
+    scores = jnp.einsum("bqkgd,bktd->bkgqt", qg, keys.astype(qg.dtype),
+                        preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(valid[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(qg.dtype)
+    return jnp.einsum("bkgqt,bktd->bqkgd", probs, values.astype(qg.dtype)).reshape(b, t, -1)
 
 
 class Llama(nnx.Module):

@@ -1,29 +1,30 @@
-"""The pipeline schedule: jitted prefill and decode programs over a ``stage`` x ``tensor`` mesh.
+"""The device programs: prefill (with insertion into cache slots) and the decode ring, as SPMD programs over a
+``stage`` x ``tensor`` mesh (``jax.shard_map``); each device runs its stage's layers on the microbatch it
+holds and hands activations to the next stage with ``lax.ppermute``. Which microbatch is where at each tick
+is ``jaxpipe.schedule``'s arithmetic.
 
-Both programs are one SPMD program (``jax.shard_map``); each device runs its stage's layers on the
-microbatch it holds and hands activations to the next stage with ``lax.ppermute``.
+Slots. The engine has ``M * b`` slots (cache rows), ``M`` microbatches of ``b`` rows. Every stage's KV cache
+holds ``T`` positions per slot; a slot's sequence starts at position 0 (no padding). Per slot, replicated
+on every device: the last token, its position, whether the slot is live, how many tokens it generated and
+how many it may, its output-token counts and prompt-token mask (for penalties).
 
-Batch layout. A wave of prompts is split into ``M`` microbatches of ``b`` rows, left-padded to one prompt
-bucket ``P``, so that every row's generated token ``k`` sits at cache position ``P + k``. The KV cache of
-each stage has ``M * b`` rows and ``T >= P + max_new_tokens - 1`` positions.
+Prefill (``PrefillSpec``): a chunk of up to ``C`` prompt tokens for each of ``n`` slots (any slots, given
+by index), GPipe over ``Mp`` microbatches of them. Each chunk's keys and values go straight into its
+slots' cache rows (the cache is donated) at the chunk's positions; the chunk attends to those rows'
+earlier positions too, so a long prompt is prefilled chunk by chunk between decode dispatches. For a
+slot whose chunk ends its prompt, the last stage samples the first token and the slot turns live.
 
-Prefill (GPipe). Tick ``t = 0 .. M + S - 2``: stage ``s`` runs microbatch ``t - s`` when that is in
-``[0, M)``; otherwise it idles (computes on stale data and leaves its cache untouched). The bubble is
-``(S - 1) / (M + S - 1)`` of the ticks. The last stage's output for a microbatch goes straight to the
-lm_head and the sampler, which give the first generated token.
-
-Decode (the ring). There are ``R = max(M, S)`` ring slots; slots ``>= M`` are empty (the bubble when
-``M < S``). Tick ``t``: stage ``s`` runs slot ``(t - s) mod R`` at step ``(t - s) div R``; its output moves
-on to stage ``s + 1``; the last stage's output is turned into logits and a sampled token, which at tick
-``t + 1`` is the first stage's input for the same slot. With ``M >= S`` no stage ever waits: the token
-for slot ``(t + 1) mod R`` was sampled at the end of tick ``t + 1 - R + S - 1 <= t``. The in-flight
-activations and the tick counter persist across dispatches, so splitting generation into dispatches of
-many ticks (an on-device loop) adds no bubble.
+Decode (``DecodeSpec``): the ring, ``steps * R`` ticks per dispatch. The activation each stage runs next
+travels with its rows' liveness, so a slot that is freed or refilled between dispatches while its
+microbatch is in flight is simply not written by the stages still ahead of it. A slot stops itself when it
+has generated its allotted number of tokens; the host stops a slot earlier (EOS, stop strings, aborts) by
+releasing it at the start of a dispatch. Every sampled token, with its logprobs and liveness, is returned
+per tick; the host maps tick -> microbatch with the same ``RingSchedule``.
 
 The lm_head is split by vocabulary rows over all devices (see ``partition.py``): the last stage's hidden
 state is broadcast over ``stage`` (a psum of one stage's value), every device computes its slice of the
-logits, an all-gather joins them, and every device samples the same token from the same logits with the
-same key. That is how a sampled token "travels back" to the first stage: everyone already has it.
+logits, an all-gather joins them, and every device samples the same token with the same key: the
+per-slot tables stay identical everywhere, which is how a sampled token "travels back" to the first stage.
 """
 
 from __future__ import annotations
@@ -42,47 +43,86 @@ from jaxpipe import partition
 from jaxpipe.config import LlamaConfig
 from jaxpipe.model import STAGE_AXIS, KVCache, Llama, StepInputs
 from jaxpipe.partition import CACHE_SPEC, REPLICATED, Layout
+from jaxpipe.sampling import SamplerSpec, SamplingTensors, make_sampler
+from jaxpipe.schedule import PrefillSchedule, RingSchedule
 
 
 @dataclasses.dataclass(frozen=True)
-class Geometry:
-    """Static shape of one generation wave; each distinct geometry compiles once."""
+class EngineShape:
+    """The fixed shape of an engine's state: ``microbatches`` x ``rows`` slots of ``cache_len`` positions."""
 
     microbatches: int   # M
-    rows: int           # b, rows per microbatch
-    cache_len: int      # T
+    rows: int           # b, slots per microbatch
+    cache_len: int      # T, cache positions per slot
+
+    @property
+    def slots(self) -> int:
+        return self.microbatches * self.rows
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """Everything static about a decode dispatch: the only compile key of a decode program."""
+
+    shape: EngineShape
+    steps: int               # tokens per microbatch per dispatch (ticks = steps * ring slots)
+    kv_len: int              # cache positions attention reads (XLA attention; the Pallas kernel ignores it)
+    sampler: SamplerSpec
+    attention: str = "xla"   # decode attention kernel, see jaxpipe.kernels.decode_attention
+    record_logits: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillSpec:
+    """Everything static about a prefill dispatch: the only compile key of a prefill program."""
+
+    shape: EngineShape
+    microbatches: int        # Mp, GPipe microbatches of prompt chunks
+    rows: int                # bp, chunks per microbatch (n = Mp * bp slots per dispatch)
+    chunk: int               # C, tokens per chunk (right-padded)
+    kv_len: int              # cache positions attention reads, >= every chunk's start + C
+    sampler: SamplerSpec
+    record_logits: bool = False   # return float32 logits of every chunk position (tests)
 
     @property
     def batch(self) -> int:
         return self.microbatches * self.rows
 
 
-class DecodeState(NamedTuple):
-    """Everything decode carries from one dispatch to the next (donated)."""
+class SlotTables(NamedTuple):
+    """Per-slot state, replicated on every device (``[slots]`` each)."""
+
+    tokens: jax.Array    # int32: the last token (what the first stage feeds next)
+    pos: jax.Array       # int32: its cache position (= tokens in the cache before it)
+    live: jax.Array      # bool: the slot decodes
+    step: jax.Array      # int32: tokens generated so far (the index of the next one: seeds, min_tokens)
+    end: jax.Array       # int32: tokens the slot may generate (it stops itself there)
+
+
+class EngineState(NamedTuple):
+    """Everything that persists on the devices between dispatches (donated to every program)."""
 
     cache: KVCache
-    inflight: jax.Array      # [S, b, H]: the activation each stage runs next
-    tokens: jax.Array        # [R, b]: the latest token of each ring slot
-    tick: jax.Array          # scalar: ticks run since prefill
-    counts: jax.Array        # [M*b, V] int32 generated-token counts (penalties), or [M*b, 0] when unused
+    inflight: jax.Array       # [S, b, H]: the activation each stage runs next (sharded over stage)
+    inflight_live: jax.Array  # [S, b]: whether those rows were live when they entered the ring
+    tables: SlotTables
+    counts: jax.Array         # [slots, V] int32 output-token counts (penalties)
+    prompt_mask: jax.Array    # [slots, V] bool: tokens of the prompt (repetition penalty)
+    tick: jax.Array           # scalar int32: decode ticks run so far
 
 
-class Sampler(NamedTuple):
-    """How logits become tokens: ``fn(logits, sampling_rows, step, prompt_mask_rows, counts_rows)``
-    returns ``num_outputs`` per-row arrays, the sampled token ids first (the others, such as
-    log-probabilities, are only collected for the host)."""
+class PrefillBatch(NamedTuple):
+    """One prefill dispatch's inputs (host arrays), ``n = spec.batch`` entries."""
 
-    fn: Callable[..., tuple[jax.Array, ...]]
-    num_outputs: int
+    tokens: np.ndarray   # [n, C] int32 chunk tokens, right-padded
+    slots: np.ndarray    # [n] int32 target slot; slots >= engine slots are padding
+    start: np.ndarray    # [n] int32 cache position of the chunk's first token
+    length: np.ndarray   # [n] int32 real tokens in the chunk (0 for padding)
+    final: np.ndarray    # [n] bool: the chunk ends its prompt (sample the first token, go live)
+    end: np.ndarray      # [n] int32 tokens the slot may generate
 
 
-def _output_buffers(sampler: Sampler, lead: tuple[int, ...], b: int, V: int, samp, prompt_mask, counts):
-    """Zero buffers ``lead + shape`` for each of the sampler's per-row outputs (shapes by tracing it)."""
-    def rows_of(a):
-        return jax.ShapeDtypeStruct((b,) + a.shape[1:], a.dtype)
-    shapes = jax.eval_shape(sampler.fn, jax.ShapeDtypeStruct((b, V), jnp.float32), jax.tree.map(rows_of, samp),
-                            jax.ShapeDtypeStruct((b,), jnp.int32), rows_of(prompt_mask), rows_of(counts))
-    return tuple(jnp.zeros(lead + sd.shape[1:], sd.dtype) for sd in shapes)
+SAMPLE_OUTPUTS = ("tokens", "logprobs", "ranks", "top_ids", "top_logprobs")
 
 
 def flatten_paths(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -117,8 +157,16 @@ def _choose_partitioner(mesh: Mesh) -> None:
             pass
 
 
+def _rows(a: jax.Array, first, n: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(a, first, n, axis=0)
+
+
+def _put_rows(a: jax.Array, first, new: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(a, new, first, axis=0)
+
+
 class PipelineModel:
-    """A Llama laid out over a mesh: abstract shapes, sharding table and the jitted programs."""
+    """A Llama laid out over a mesh: abstract shapes, sharding table and the programs built from specs."""
 
     def __init__(self, cfg: LlamaConfig, layout: Layout, mesh: Mesh, dtype, *, unroll: int | bool = 1):
         _choose_partitioner(mesh)
@@ -135,7 +183,6 @@ class PipelineModel:
         self.param_specs = map_paths(lambda path, _: partition.param_spec(path), self.abstract_params)
         self.param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), self.param_specs)
         self.param_shardings_flat = flatten_paths(self.param_shardings)
-        self._programs: dict[tuple, Callable] = {}
 
     # -- building blocks --------------------------------------------------------------------------
 
@@ -157,17 +204,40 @@ class PipelineModel:
 
         return jax.jit(init, out_shardings=self.param_shardings)(jax.random.key(seed))
 
-    def cache_shape(self, geo: Geometry) -> tuple[int, ...]:
-        return (self.layout.stages * self.layout.slots_per_stage, geo.batch, len(self.kv_sources),
-                geo.cache_len, self.cfg.head_dim)
+    def cache_shape(self, shape: EngineShape) -> tuple[int, ...]:
+        return (self.layout.stages * self.layout.slots_per_stage, shape.slots, len(self.kv_sources),
+                shape.cache_len, self.cfg.head_dim)
 
-    def new_cache(self, geo: Geometry) -> KVCache:
-        shape, shard = self.cache_shape(geo), NamedSharding(self.mesh, CACHE_SPEC)
-        zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=shard)
-        return KVCache(zeros(), zeros())
+    def replicate(self, x) -> jax.Array:
+        """A host value as an array replicated on every device of the mesh (works across processes)."""
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, REPLICATED), lambda idx: x[idx])
 
-    def ring_slots(self, geo: Geometry) -> int:
-        return max(geo.microbatches, self.layout.stages)
+    def ring(self, shape: EngineShape) -> RingSchedule:
+        return RingSchedule(self.layout.stages, shape.microbatches)
+
+    def state_shardings(self) -> EngineState:
+        rep = NamedSharding(self.mesh, REPLICATED)
+        cache = NamedSharding(self.mesh, CACHE_SPEC)
+        stage = NamedSharding(self.mesh, P(STAGE_AXIS))
+        return EngineState(cache=KVCache(cache, cache), inflight=stage, inflight_live=stage,
+                           tables=SlotTables(rep, rep, rep, rep, rep), counts=rep, prompt_mask=rep, tick=rep)
+
+    def new_state(self, shape: EngineShape) -> EngineState:
+        """An empty engine state: zero caches, every slot free, the ring empty."""
+        S, B, V, H = self.layout.stages, shape.slots, self.cfg.vocab_size, self.cfg.hidden_size
+        cache_shape, dtype = self.cache_shape(shape), self.dtype
+
+        def make():
+            zeros_i = jnp.zeros((B,), jnp.int32)
+            return EngineState(
+                cache=KVCache(jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype)),
+                inflight=jnp.zeros((S, shape.rows, H), dtype), inflight_live=jnp.zeros((S, shape.rows), bool),
+                tables=SlotTables(zeros_i, zeros_i, jnp.zeros((B,), bool), zeros_i, zeros_i),
+                counts=jnp.zeros((B, V), jnp.int32), prompt_mask=jnp.zeros((B, V), bool),
+                tick=jnp.zeros((), jnp.int32))
+
+        return jax.jit(make, out_shardings=self.state_shardings())()
 
     def _layer_count(self):
         counts = self.layout.layer_counts
@@ -175,190 +245,218 @@ class PipelineModel:
             return counts[0]
         return jnp.asarray(counts, jnp.int32)[jax.lax.axis_index(STAGE_AXIS)]
 
-    def _head(self, model: Llama, y_last: jax.Array) -> jax.Array:
-        """Last stage's hidden states -> float32 logits over the real vocabulary, on every device."""
-        S = self.layout.stages
-        if S > 1:
-            is_last = jax.lax.axis_index(STAGE_AXIS) == S - 1
-            y_last = jax.lax.psum(jnp.where(is_last, y_last, jnp.zeros_like(y_last)), STAGE_AXIS)
-        return model.logits(y_last)[..., : self.cfg.vocab_size]
-
-    def _pass_on(self, y: jax.Array) -> jax.Array:
+    def _from_last_stage(self, x: jax.Array) -> jax.Array:
+        """The last stage's value of ``x`` on every device (a psum of one stage's value)."""
         S = self.layout.stages
         if S == 1:
-            return y
-        return jax.lax.ppermute(y, STAGE_AXIS, [(i, i + 1) for i in range(S - 1)])
+            return x
+        is_last = jax.lax.axis_index(STAGE_AXIS) == S - 1
+        return jax.lax.psum(jnp.where(is_last, x, jnp.zeros_like(x)), STAGE_AXIS)
+
+    def _pass_on(self, x: jax.Array) -> jax.Array:
+        S = self.layout.stages
+        if S == 1:
+            return x
+        return jax.lax.ppermute(x, STAGE_AXIS, [(i, i + 1) for i in range(S - 1)])
+
+    def _logits(self, model: Llama, y: jax.Array) -> jax.Array:
+        """Final hidden states (every device has the last stage's) -> float32 logits over the real vocabulary."""
+        return model.logits(y)[..., : self.cfg.vocab_size]
+
+    def _state_specs(self) -> EngineState:
+        rep = REPLICATED
+        return EngineState(cache=KVCache(CACHE_SPEC, CACHE_SPEC), inflight=P(STAGE_AXIS),
+                           inflight_live=P(STAGE_AXIS), tables=SlotTables(rep, rep, rep, rep, rep),
+                           counts=rep, prompt_mask=rep, tick=rep)
+
+    def _sample_buffers(self, sampler_fn, lead: tuple[int, ...], b: int, samp: SamplingTensors, stop_width: int):
+        """Zero buffers ``lead + shape`` for each of the sampler's per-row outputs (shapes by tracing it)."""
+        V = self.cfg.vocab_size
+
+        def rows_of(a):
+            return jax.ShapeDtypeStruct((b,) + a.shape[1:], a.dtype)
+
+        shapes = jax.eval_shape(sampler_fn, jax.ShapeDtypeStruct((b, V), jnp.float32), jax.tree.map(rows_of, samp),
+                                jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b, V), bool),
+                                jax.ShapeDtypeStruct((b, V), jnp.int32))
+        return tuple(jnp.zeros(lead + sd.shape[1:], sd.dtype) for sd in shapes)
 
     # -- prefill ----------------------------------------------------------------------------------
 
-    def prefill_program(self, geo: Geometry, prompt_len: int, sampler: Sampler, *, all_logits: bool = False):
-        key = ("prefill", geo, prompt_len, sampler, all_logits)
-        if key not in self._programs:
-            self._programs[key] = self._build_prefill(geo, prompt_len, sampler, all_logits)
-        return self._programs[key]
+    def prefill_program(self, spec: PrefillSpec) -> Callable:
+        """``fn(params, state, samp, tokens, slots, start, length, final, end) -> (state, outputs)``, jitted
+        with the state donated. outputs: the first token's ``SAMPLE_OUTPUTS`` per entry ``[n, ...]`` (only
+        meaningful where ``final``), then float32 logits ``[n, C, V]`` when ``spec.record_logits``."""
+        S, Mp, bp, C = self.layout.stages, spec.microbatches, spec.rows, spec.chunk
+        B, V, H = spec.shape.slots, self.cfg.vocab_size, self.cfg.hidden_size
+        n = spec.batch
+        sched = PrefillSchedule(S, Mp)
+        ring = self.ring(spec.shape)
+        sampler_fn = make_sampler(spec.sampler)
 
-    def _build_prefill(self, geo: Geometry, prompt_len: int, sampler: Sampler, all_logits: bool):
-        S, M, b, Pl = self.layout.stages, geo.microbatches, geo.rows, prompt_len
-        V, H = self.cfg.vocab_size, self.cfg.hidden_size
-        rows = lambda a, mb: jax.lax.dynamic_slice_in_dim(a, mb * b, b, axis=0)  # noqa: E731
-
-        def body(params, cache, tokens, kv_start, samp, prompt_mask, counts):
+        def body(params, state: EngineState, samp, tokens, slots, start, length, final, end):
             model = self.module(params)
             stage = jax.lax.axis_index(STAGE_AXIS)
             n_layers = self._layer_count()
-            embedded = model.embed_tokens(tokens).reshape(M, b, Pl, H)
-            rope_pos = jnp.maximum(jnp.arange(Pl)[None, :] - kv_start[:, None], 0)
+            valid = length > 0
+            safe = jnp.where(valid, slots, B)  # padding entries touch no slot (out of range: dropped)
 
-            out_logits = jnp.zeros((M * b, Pl, V) if all_logits else (0,), jnp.float32)
+            # The prompt mask accumulates chunk by chunk; a prompt's first chunk clears the slot's old one.
+            pm = state.prompt_mask.at[safe].set(jnp.where((start == 0)[:, None], False,
+                                                          state.prompt_mask[jnp.clip(safe, 0, B - 1)]), mode="drop")
+            in_chunk = jnp.arange(C)[None, :] < length[:, None]
+            pm = pm.at[safe[:, None], jnp.where(in_chunk, tokens, V)].set(True, mode="drop")
+            counts = state.counts.at[safe].set(0, mode="drop")
+
+            embedded = model.embed_tokens(tokens).reshape(Mp, bp, C, H)
+            outs = self._sample_buffers(sampler_fn, (n,), bp, samp, spec.sampler.stop_width)
+            logits_buf = jnp.zeros((n, C, V) if spec.record_logits else (0,), jnp.float32)
 
             def tick(t, carry):
-                x_in, cache, outs = carry
-                mb = t - stage
-                active = (mb >= 0) & (mb < M)
-                mbc = jnp.clip(mb, 0, M - 1)
-                x = jnp.where(stage == 0, embedded[jnp.clip(t, 0, M - 1)], x_in)
-                step = StepInputs(row0=mbc * b, cache_pos=jnp.int32(0), rope_pos=rows(rope_pos, mbc),
-                                  kv_start=rows(kv_start, mbc), active=active)
-                y, cache = model.layers(x, cache, step, num_layers=n_layers, prefill=True,
-                                        unroll=self.unroll)
+                x_in, cache, outs, logits_buf = carry
+                mb = jnp.clip(sched.microbatch(stage, t), 0, Mp - 1)
+                runs = sched.runs(stage, t)
+                x = jnp.where(stage == 0, embedded[jnp.clip(t, 0, Mp - 1)], x_in)
+                first = mb * bp
+                positions = _rows(start, first, bp)[:, None] + jnp.arange(C)[None, :]
+                step = StepInputs(rows=_rows(safe, first, bp), row0=None, positions=positions,
+                                  live=runs & _rows(valid, first, bp), kv_len=spec.kv_len)
+                y, cache = model.layers(x, cache, step, num_layers=n_layers, unroll=self.unroll)
                 x_next = self._pass_on(y)
-                # The last stage finished microbatch t - (S - 1): sample its first token.
-                mb_out = t - (S - 1)
-                done = mb_out >= 0
-                mbo = jnp.clip(mb_out, 0, M - 1)
-                logits = self._head(model, y if all_logits else y[:, -1])
-                last_logits = logits[:, -1] if all_logits else logits
-                res = sampler.fn(last_logits, jax.tree.map(lambda a: rows(a, mbo), samp),
-                                 jnp.zeros((b,), jnp.int32), rows(prompt_mask, mbo), rows(counts, mbo))
 
-                def put(buf, val):
-                    old = rows(buf, mbo)
-                    return jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(done, val, old), mbo * b, axis=0)
+                # The last stage finished microbatch t - (S - 1): the first token of its final chunks.
+                mbo = jnp.clip(sched.output_microbatch(t), 0, Mp - 1)
+                done = sched.outputs(t)
+                fo = mbo * bp
+                last = jnp.clip(_rows(length, fo, bp) - 1, 0, C - 1)
+                if spec.record_logits:
+                    logits = self._logits(model, self._from_last_stage(y))      # [bp, C, V]
+                    last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+                    logits_buf = _put_rows(logits_buf, fo, jnp.where(done, logits, _rows(logits_buf, fo, bp)))
+                else:
+                    y_last = jnp.take_along_axis(y, last[:, None, None], axis=1)[:, 0]
+                    last_logits = self._logits(model, self._from_last_stage(y_last))
+                out_slots = jnp.clip(_rows(safe, fo, bp), 0, B - 1)
+                res = sampler_fn(last_logits, jax.tree.map(lambda a: a[out_slots], samp),
+                                 jnp.zeros((bp,), jnp.int32), pm[out_slots], counts[out_slots])
+                outs = tuple(_put_rows(buf, fo, jnp.where(done, v, _rows(buf, fo, bp))) for buf, v in zip(outs, res))
+                return x_next, cache, outs, logits_buf
 
-                *sampled, o_logits = outs
-                outs = (*map(put, sampled, res), put(o_logits, logits) if all_logits else o_logits)
-                return x_next, cache, outs
+            x0 = jnp.zeros((bp, C, H), self.dtype)
+            _, cache, outs, logits_buf = jax.lax.fori_loop(0, sched.ticks, tick,
+                                                           (x0, state.cache, outs, logits_buf))
 
-            x0 = jnp.zeros((b, Pl, H), self.dtype)
-            outs = (*_output_buffers(sampler, (M * b,), b, V, samp, prompt_mask, counts), out_logits)
-            _, cache, outs = jax.lax.fori_loop(0, M + S - 1, tick, (x0, cache, outs))
-            return cache, outs
+            # The slots' tables: where the prompt now ends, and for final chunks the first token.
+            first_tok = outs[0]
+            tab = state.tables
+            go = final & valid
+            live = go & (end > 1)
+            tables = SlotTables(
+                tokens=tab.tokens.at[safe].set(jnp.where(go, first_tok, 0), mode="drop"),
+                pos=tab.pos.at[safe].set(start + length, mode="drop"),
+                live=tab.live.at[safe].set(live, mode="drop"),
+                step=tab.step.at[safe].set(jnp.where(go, 1, 0), mode="drop"),
+                end=tab.end.at[safe].set(end, mode="drop"))
+            counts = counts.at[safe, first_tok].add(go.astype(jnp.int32), mode="drop")
+            # Rows of these slots still in flight belong to whoever held the slot before: kill them.
+            held = ring.slot(stage, state.tick)
+            held_rows = held * spec.shape.rows + jnp.arange(spec.shape.rows)
+            refilled = jnp.isin(held_rows, jnp.where(valid, slots, -1))
+            inflight_live = state.inflight_live & ~refilled[None, :]
+            new_state = state._replace(cache=cache, tables=tables, counts=counts, prompt_mask=pm,
+                                       inflight_live=inflight_live)
+            return new_state, (*outs, logits_buf)
 
-        cache_specs = KVCache(CACHE_SPEC, CACHE_SPEC)
+        rep = REPLICATED
+        samp_specs = jax.tree.map(lambda _: rep, SamplingTensors(*([0] * 11)))
         fn = jax.shard_map(
             body, mesh=self.mesh,
-            in_specs=(self.param_specs, cache_specs, REPLICATED, REPLICATED, REPLICATED, REPLICATED,
-                      REPLICATED),
-            out_specs=(cache_specs, (REPLICATED,) * (sampler.num_outputs + 1)), check_vma=False)
+            in_specs=(self.param_specs, self._state_specs(), samp_specs, rep, rep, rep, rep, rep, rep),
+            out_specs=(self._state_specs(), (rep,) * (len(SAMPLE_OUTPUTS) + 1)), check_vma=False)
         return jax.jit(fn, donate_argnums=(1,))
 
     # -- decode -----------------------------------------------------------------------------------
 
-    def decode_program(self, geo: Geometry, ticks: int, sampler: Sampler, *, record_logits: bool = False):
-        key = ("decode", geo, ticks, sampler, record_logits)
-        if key not in self._programs:
-            self._programs[key] = self._build_decode(geo, ticks, sampler, record_logits)
-        return self._programs[key]
+    def decode_program(self, spec: DecodeSpec) -> Callable:
+        """``fn(params, state, samp, release) -> (state, outputs)``, jitted with the state donated.
 
-    def replicate(self, x) -> jax.Array:
-        """A host value as an array replicated on every device of the mesh (works across processes)."""
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, REPLICATED), lambda idx: x[idx])
-
-    def initial_decode_state(self, geo: Geometry, cache: KVCache, first_tokens: np.ndarray,
-                             counts: jax.Array) -> DecodeState:
-        """The ring before its first tick: empty pipeline, each slot holding its prefill token."""
-        S, R, b = self.layout.stages, self.ring_slots(geo), geo.rows
-        tokens = np.zeros((R, b), np.int32)
-        tokens[: geo.microbatches] = np.asarray(first_tokens).reshape(-1, b)
-        inflight = jax.jit(lambda: jnp.zeros((S, b, self.cfg.hidden_size), self.dtype),
-                           out_shardings=NamedSharding(self.mesh, P(STAGE_AXIS)))()
-        return DecodeState(cache=cache, inflight=inflight, tokens=self.replicate(tokens),
-                           tick=self.replicate(np.int32(0)), counts=counts)
-
-    def _build_decode(self, geo: Geometry, ticks: int, sampler: Sampler, record_logits: bool):
-        S, M, b, T = self.layout.stages, geo.microbatches, geo.rows, geo.cache_len
-        R = self.ring_slots(geo)
+        ``release [slots]`` bool: slots to stop before the first tick (finished or aborted on the host).
+        outputs, per tick ``[ticks, b, ...]``: ``SAMPLE_OUTPUTS`` of the microbatch the last stage finished
+        at that tick (``RingSchedule.output_slot``), whether each row was live (a real token), then float32
+        logits ``[ticks, b, V]`` when ``spec.record_logits``.
+        """
+        shape = spec.shape
+        M, b = shape.microbatches, shape.rows
         V = self.cfg.vocab_size
-        rows = lambda a, slot: jax.lax.dynamic_slice_in_dim(a, slot * b, b, axis=0)  # noqa: E731
+        ring = self.ring(shape)
+        ticks = ring.ticks_for_steps(spec.steps)
+        sampler_fn = make_sampler(spec.sampler)
 
-        def body(params, state: DecodeState, prompt_len, kv_start, samp, prompt_mask):
+        def body(params, state: EngineState, samp, release):
             model = self.module(params)
             stage = jax.lax.axis_index(STAGE_AXIS)
             n_layers = self._layer_count()
+            tab = state.tables._replace(live=state.tables.live & ~release)
+            held = jnp.minimum(ring.slot(stage, state.tick), M - 1) * b + jnp.arange(b)
+            live_in = state.inflight_live[0] & ~release[held]
 
             def tick(i, carry):
-                cache, x_in, tokens, counts, outs = carry
+                cache, x_in, live_in, tab, counts, outs = carry
                 t = state.tick + i
-                rel = t - stage
-                slot, k = rel % R, rel // R
-                active = (rel >= 0) & (slot < M) & (prompt_len + k < T)
-                slot_c = jnp.minimum(slot, M - 1)
-                # Every device joins the embedding lookup (vocabulary rows are spread); stage 0 uses it.
-                x0 = model.embed_tokens(tokens[t % R])
-                x = jnp.where(stage == 0, x0, x_in)[:, None, :]
-                pad = rows(kv_start, slot_c)
-                step = StepInputs(row0=slot_c * b, cache_pos=prompt_len + k,
-                                  rope_pos=(prompt_len + k - pad)[:, None], kv_start=pad, active=active)
-                y, cache = model.layers(x, cache, step, num_layers=n_layers, prefill=False,
-                                        unroll=self.unroll)
+                # Every device embeds the first stage's tokens (the vocabulary is spread); stage 0 uses them.
+                first0 = jnp.minimum(ring.slot(0, t), M - 1) * b
+                x0 = model.embed_tokens(_rows(tab.tokens, first0, b))
+                live0 = _rows(tab.live, first0, b)
+                mine = jnp.minimum(ring.slot(stage, t), M - 1) * b
+                x = jnp.where(stage == 0, x0, x_in)
+                live = jnp.where(stage == 0, live0, live_in) & ring.runs(stage, t)
+                step = StepInputs(rows=mine + jnp.arange(b), row0=mine,
+                                  positions=_rows(tab.pos, mine, b)[:, None], live=live, kv_len=spec.kv_len)
+                y, cache = model.layers(x[:, None, :], cache, step, num_layers=n_layers, unroll=self.unroll,
+                                        attention=spec.attention)
                 y = y[:, 0]
-                x_next = self._pass_on(y)
+                # One transfer to the next stage: the activation with its rows' liveness as an extra column.
+                packed = self._pass_on(jnp.concatenate([y, live[:, None].astype(y.dtype)], axis=-1))
+                x_next, live_next = packed[:, :-1], packed[:, -1] > 0.5
 
-                rel_out = t - (S - 1)
-                slot_out, k_out = rel_out % R, rel_out // R
-                valid = (rel_out >= 0) & (slot_out < M)
-                so = jnp.minimum(slot_out, M - 1)
-                logits = self._head(model, y)
-                gen_step = jnp.full((b,), k_out + 1, jnp.int32)
-                res = sampler.fn(logits, jax.tree.map(lambda a: rows(a, so), samp), gen_step,
-                                 rows(prompt_mask, so), rows(counts, so))
+                # The last stage finished the microbatch that entered S - 1 ticks ago: sample its tokens.
+                out = jnp.minimum(ring.output_slot(t), M - 1) * b
+                last = self._from_last_stage(jnp.concatenate([y, live[:, None].astype(y.dtype)], axis=-1))
+                live_out = (last[:, -1] > 0.5) & ring.outputs(t)
+                logits = self._logits(model, last[:, :-1])
+                samp_rows = jax.tree.map(lambda a: _rows(a, out, b), samp)
+                res = sampler_fn(logits, samp_rows, _rows(tab.step, out, b), _rows(state.prompt_mask, out, b),
+                                 _rows(counts, out, b))
                 tok = res[0]
-                tokens = jnp.where(valid, tokens.at[slot_out % R].set(tok), tokens)
-                if counts.shape[-1]:
-                    new_counts = rows(counts, so).at[jnp.arange(b), tok].add(1)
-                    counts = jax.lax.dynamic_update_slice_in_dim(
-                        counts, jnp.where(valid, new_counts, rows(counts, so)), so * b, axis=0)
-                *sampled, o_logits = outs
-                outs = (*(buf.at[i].set(v) for buf, v in zip(sampled, res)),
-                        o_logits.at[i].set(logits) if record_logits else o_logits)
-                return cache, x_next, tokens, counts, outs
+                new_step = _rows(tab.step, out, b) + live_out
+                tab = SlotTables(
+                    tokens=_put_rows(tab.tokens, out, jnp.where(live_out, tok, _rows(tab.tokens, out, b))),
+                    pos=_put_rows(tab.pos, out, _rows(tab.pos, out, b) + live_out),
+                    live=_put_rows(tab.live, out, _rows(tab.live, out, b) & ~(live_out & (new_step >= _rows(tab.end, out, b)))),
+                    step=_put_rows(tab.step, out, new_step), end=tab.end)
+                if spec.sampler.penalties:
+                    counts = _put_rows(counts, out, _rows(counts, out, b).at[jnp.arange(b), tok].add(
+                        live_out.astype(jnp.int32)))
+                *sampled, o_live, o_logits = outs
+                outs = (*(buf.at[i].set(v) for buf, v in zip(sampled, res)), o_live.at[i].set(live_out),
+                        o_logits.at[i].set(logits) if spec.record_logits else o_logits)
+                return cache, x_next, live_next, tab, counts, outs
 
-            outs = (*_output_buffers(sampler, (ticks, b), b, V, samp, prompt_mask, state.counts),
-                    jnp.zeros((ticks, b, V) if record_logits else (0,), jnp.float32))
-            carry = (state.cache, state.inflight[0], state.tokens, state.counts, outs)
-            cache, x_in, tokens, counts, outs = jax.lax.fori_loop(0, ticks, tick, carry)
-            new_state = DecodeState(cache=cache, inflight=x_in[None], tokens=tokens,
-                                    tick=state.tick + ticks, counts=counts)
+            outs = (*self._sample_buffers(sampler_fn, (ticks, b), b, samp, spec.sampler.stop_width),
+                    jnp.zeros((ticks, b), bool),
+                    jnp.zeros((ticks, b, V) if spec.record_logits else (0,), jnp.float32))
+            carry = (state.cache, state.inflight[0], live_in, tab, state.counts, outs)
+            cache, x_in, live_in, tab, counts, outs = jax.lax.fori_loop(0, ticks, tick, carry)
+            new_state = state._replace(cache=cache, inflight=x_in[None], inflight_live=live_in[None],
+                                       tables=tab, counts=counts, tick=state.tick + ticks)
             return new_state, outs
 
-        state_specs = DecodeState(cache=KVCache(CACHE_SPEC, CACHE_SPEC), inflight=P(STAGE_AXIS),
-                                  tokens=REPLICATED, tick=REPLICATED, counts=REPLICATED)
+        rep = REPLICATED
+        samp_specs = jax.tree.map(lambda _: rep, SamplingTensors(*([0] * 11)))
         fn = jax.shard_map(
-            body, mesh=self.mesh,
-            in_specs=(self.param_specs, state_specs, REPLICATED, REPLICATED, REPLICATED, REPLICATED),
-            out_specs=(state_specs, (REPLICATED,) * (sampler.num_outputs + 1)), check_vma=False)
+            body, mesh=self.mesh, in_specs=(self.param_specs, self._state_specs(), samp_specs, rep),
+            out_specs=(self._state_specs(), (rep,) * (len(SAMPLE_OUTPUTS) + 2)), check_vma=False)
         return jax.jit(fn, donate_argnums=(1,))
-
-    def tick_origin(self, geo: Geometry, tick: int) -> tuple[int, int] | None:
-        """Which (microbatch, generated-token index) the last stage produced at decode tick ``tick``."""
-        rel = tick - (self.layout.stages - 1)
-        if rel < 0:
-            return None
-        R = self.ring_slots(geo)
-        slot, k = rel % R, rel // R
-        if slot >= geo.microbatches:
-            return None
-        return slot, k + 1
-
-
-def greedy_sampler() -> Sampler:
-    """Argmax sampling (no penalties, no top-k), for benchmarks and checks: outputs the token alone."""
-    return Sampler(fn=_greedy, num_outputs=1)
-
-
-def _greedy(logits, samp, step, prompt_mask, counts):
-    return (jnp.argmax(logits, axis=-1).astype(jnp.int32),)
 
 
 def host_array(x: jax.Array) -> np.ndarray:

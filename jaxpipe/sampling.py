@@ -15,6 +15,7 @@ size, so a seeded request reproduces whatever else is batched with it.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import numbers
 from collections.abc import Iterable, Sequence
@@ -28,6 +29,15 @@ from jax import lax
 _SAMPLING_EPS = 1e-5
 # vLLM raises temperatures in (0, 1e-2) to 1e-2 so that logits / T stays finite in float32.
 _MIN_TEMPERATURE = 1e-2
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What ``LLMEngine.step`` returns for a request (vLLM's enum): the whole output so far, only what is new
+    since the last step, or only the final output."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 def _bad(field: str, value, allowed: str) -> ValueError:
@@ -53,7 +63,6 @@ _RANGES = {
     "top_p": (False, lambda v: 0 < v <= 1, "in (0, 1]"),
     "top_k": (True, lambda v: v >= -1, ">= 1, or 0 or -1 to disable"),
     "min_p": (False, lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "max_tokens": (True, lambda v: v >= 1, ">= 1"),
     "repetition_penalty": (False, lambda v: v > 0, "> 0"),
     "presence_penalty": (False, lambda v: -2 <= v <= 2, "in [-2, 2]"),
     "frequency_penalty": (False, lambda v: -2 <= v <= 2, "in [-2, 2]"),
@@ -76,7 +85,7 @@ class SamplingParams:
     seed: int | None = None
     stop: str | Sequence[str] | None = None
     stop_token_ids: Sequence[int] | None = None
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None
@@ -85,6 +94,24 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's other fields. Honoured: max_tokens=None (up to max_model_len), output_kind, detokenize,
+    # truncate_prompt_tokens. Accepted and without effect: spaces_between_special_tokens (fast tokenizers
+    # have no such option), extra_args. Accepted when they ask for nothing (None / empty / best_of == n)
+    # and refused otherwise: best_of, logit_bias, allowed_token_ids, bad_words, logits_processors,
+    # guided_decoding, structured_outputs, prompt_logprobs.
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    detokenize: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
+    best_of: int | None = None
+    logit_bias: dict | None = None
+    allowed_token_ids: Sequence[int] | None = None
+    bad_words: Sequence[str] | None = None
+    logits_processors: Sequence | None = None
+    guided_decoding: object = None
+    structured_outputs: object = None
+    extra_args: dict | None = None
 
     def __post_init__(self):
         def put(name, value):  # frozen dataclass: normalise fields in place
@@ -95,6 +122,31 @@ class SamplingParams:
             if not ok(value):
                 raise _bad(name, value, allowed)
             put(name, value)
+        if self.max_tokens is not None:  # None: until the sequence fills max_model_len (vLLM)
+            put("max_tokens", _int("max_tokens", self.max_tokens, ">= 1 or None"))
+            if self.max_tokens < 1:
+                raise _bad("max_tokens", self.max_tokens, ">= 1 or None")
+        try:
+            put("output_kind", RequestOutputKind(self.output_kind))
+        except ValueError:
+            raise _bad("output_kind", self.output_kind, "a RequestOutputKind") from None
+        if self.truncate_prompt_tokens is not None:
+            put("truncate_prompt_tokens", _int("truncate_prompt_tokens", self.truncate_prompt_tokens,
+                                               ">= 1 or None"))
+            if self.truncate_prompt_tokens < 1:
+                raise _bad("truncate_prompt_tokens", self.truncate_prompt_tokens, ">= 1 or None")
+        unsupported = {
+            "best_of": self.best_of not in (None, 1) and self.best_of != self.n,
+            "logit_bias": bool(self.logit_bias), "allowed_token_ids": self.allowed_token_ids is not None,
+            "bad_words": bool(self.bad_words), "logits_processors": bool(self.logits_processors),
+            "guided_decoding": self.guided_decoding is not None,
+            "structured_outputs": self.structured_outputs is not None,
+            "prompt_logprobs": self.prompt_logprobs is not None,
+        }
+        for name, asked in unsupported.items():
+            if asked:
+                raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r} is not supported by jaxpipe; "
+                                 f"leave it unset")
         if self.seed is not None:
             put("seed", _int("seed", self.seed, "or None"))
             if self.seed == -1:
@@ -122,19 +174,72 @@ class SamplingParams:
         put("stop_token_ids", ids)
 
         put("min_tokens", _int("min_tokens", self.min_tokens, f"in [0, max_tokens={self.max_tokens}]"))
-        if not 0 <= self.min_tokens <= self.max_tokens:
+        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
             raise _bad("min_tokens", self.min_tokens, f"in [0, max_tokens={self.max_tokens}]")
         if self.logprobs is not None:
             logprobs = int(self.logprobs) if isinstance(self.logprobs, bool) else self.logprobs  # True -> 1
             put("logprobs", _int("logprobs", logprobs, ">= 0 or None"))
             if self.logprobs < 0:
                 raise _bad("logprobs", self.logprobs, ">= 0 or None")
+        if self.stop and not self.detokenize:
+            raise ValueError("SamplingParams.stop needs detokenize=True: stop strings are found in the text")
         if self.greedy and self.n > 1:  # vLLM: n identical greedy completions are refused
             raise _bad("n", self.n, "1 when temperature is 0 (greedy sampling)")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < _SAMPLING_EPS
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """The static part of sampling, part of every program's compile key.
+
+    num_logprobs: top-k logprobs computed per row (0 when no row asks; else the engine's max_logprobs,
+    sliced per row on the host). all_greedy: no row samples (skip the random draw and the filters).
+    need_sort: some row uses top-k or top-p (the sort). penalties: some row uses a repetition, presence
+    or frequency penalty. stop_width: columns of ``SamplingTensors.stop_ids``.
+    """
+
+    num_logprobs: int = 0
+    all_greedy: bool = True
+    need_sort: bool = False
+    penalties: bool = False
+    stop_width: int = 8
+
+    @classmethod
+    def covering(cls, params: Iterable[SamplingParams], *, max_logprobs: int, num_eos: int) -> SamplerSpec:
+        """The cheapest spec that samples every one of ``params`` exactly."""
+        params = list(params)
+        logprobs = any(p.logprobs for p in params)
+        width = max([0] + [len(p.stop_token_ids) + num_eos for p in params if p.min_tokens])
+        return cls(num_logprobs=max_logprobs if logprobs else 0,
+                   all_greedy=all(p.greedy for p in params),
+                   need_sort=any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in params),
+                   penalties=any(uses_penalties(p) for p in params),
+                   stop_width=max(8, _pow2_at_least(width)))
+
+    @classmethod
+    def full(cls, *, max_logprobs: int, stop_width: int) -> SamplerSpec:
+        """Every feature on: samples any request exactly (for prefill, where its cost does not matter)."""
+        return cls(num_logprobs=max_logprobs, all_greedy=False, need_sort=True, penalties=True,
+                   stop_width=stop_width)
+
+
+def uses_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
+
+
+def make_sampler(spec: SamplerSpec):
+    """``fn(logits, st, step, prompt_mask, counts) -> (tokens, token_logprob, rank, top_ids, top_logprobs)``
+    for rows sampled under ``spec`` (see ``sample``; penalties are skipped when ``spec.penalties`` is off)."""
+    def fn(logits, st, step, pmask, counts):
+        if not spec.penalties:
+            pmask, counts = pmask[:, :0], counts[:, :0]
+        tok, lp, top_ids, top_lp = sample(logits, st, step, pmask, counts, num_logprobs=spec.num_logprobs,
+                                          all_greedy=spec.all_greedy, need_sort=spec.need_sort)
+        return tok, lp, token_ranks(logits, tok), top_ids, top_lp
+    return fn
 
 
 def _row_key_data(seed: int) -> tuple[int, int]:
@@ -176,43 +281,62 @@ class SamplingTensors:
 
     @classmethod
     def build(cls, params_list: Sequence[SamplingParams], seeds: Sequence[int], pad_to: int, *,
-              eos_token_ids: Iterable[int] = ()) -> SamplingTensors:
+              eos_token_ids: Iterable[int] = (), stop_width: int | None = None) -> SamplingTensors:
         """Rows ``i < len(params_list)`` follow ``params_list[i]`` and draw from ``seeds[i]``; rows up to
-        ``pad_to`` are greedy, unpenalised padding. ``eos_token_ids`` join each row's min_tokens ban list."""
+        ``pad_to`` are greedy, unpenalised padding. ``eos_token_ids`` join each row's min_tokens ban list.
+        ``stop_width``: columns of ``stop_ids`` (default: the next power of two that holds every row's)."""
         if len(seeds) != len(params_list):
             raise ValueError(f"got {len(params_list)} SamplingParams but {len(seeds)} seeds")
         if pad_to < len(params_list):
             raise ValueError(f"pad_to={pad_to} is smaller than the number of rows ({len(params_list)})")
-        eos = tuple(int(t) for t in eos_token_ids)
-        cols = {name: [] for name in _TENSOR_FIELDS}
-        for p, seed in zip(params_list, seeds):
-            g = p.greedy
-            cols["temperature"].append(1.0 if g else max(p.temperature, _MIN_TEMPERATURE))
-            cols["top_p"].append(1.0 if g else p.top_p)        # vLLM resets these for greedy requests,
-            cols["top_k"].append(0 if g else max(p.top_k, 0))  # which also keeps them out of the sort
-            cols["min_p"].append(0.0 if g else p.min_p)
-            cols["repetition_penalty"].append(p.repetition_penalty)
-            cols["presence_penalty"].append(p.presence_penalty)
-            cols["frequency_penalty"].append(p.frequency_penalty)
-            cols["key"].append(_row_key_data(int(seed)))
-            cols["greedy"].append(g)
-            cols["min_tokens"].append(p.min_tokens)
-            cols["stop_ids"].append(tuple(dict.fromkeys(p.stop_token_ids + eos)) if p.min_tokens else ())
-        for _ in range(pad_to - len(params_list)):
-            for name, v in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0), ("min_p", 0.0),
-                            ("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                            ("key", (0, 0)), ("greedy", True), ("min_tokens", 0), ("stop_ids", ())):
-                cols[name].append(v)
-        width = _pow2_at_least(max([1] + [len(s) for s in cols["stop_ids"]]))
-        stop_ids = np.full((pad_to, width), -1, np.int32)
-        for i, s in enumerate(cols["stop_ids"]):
-            stop_ids[i, :len(s)] = s
-        dtypes = dict(top_k=np.int32, greedy=np.bool_, min_tokens=np.int32)
-        arrays = {name: np.asarray(cols[name], dtypes.get(name, np.float32))
-                  for name in _TENSOR_FIELDS if name not in ("key", "stop_ids")}
-        arrays["key"] = np.asarray(cols["key"], np.uint32).reshape(pad_to, 2)
-        arrays["stop_ids"] = stop_ids
-        return cls(**{name: jnp.asarray(a) for name, a in arrays.items()})
+        table = SamplingTable(pad_to, eos_token_ids)
+        for i, (p, seed) in enumerate(zip(params_list, seeds)):
+            table.set_row(i, p, seed)
+        return cls(**{k: jnp.asarray(v) for k, v in table.arrays(stop_width).items()})
+
+
+class SamplingTable:
+    """Host-side per-row sampling parameters of an engine's slots (NumPy); ``arrays`` gives what
+    ``SamplingTensors`` holds. Unused rows are greedy, unpenalised padding."""
+
+    _PAD = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+                frequency_penalty=0.0, greedy=True, min_tokens=0)
+    _DTYPES = dict(top_k=np.int32, greedy=np.bool_, min_tokens=np.int32)
+
+    def __init__(self, rows: int, eos_token_ids: Iterable[int] = ()):
+        self.eos = tuple(int(t) for t in eos_token_ids)
+        self.cols = {name: np.full((rows,), v, self._DTYPES.get(name, np.float32)) for name, v in self._PAD.items()}
+        self.key = np.zeros((rows, 2), np.uint32)
+        self.stop_ids: list[tuple[int, ...]] = [()] * rows
+
+    def set_row(self, i: int, p: SamplingParams, seed: int) -> None:
+        g = p.greedy
+        values = dict(temperature=1.0 if g else max(p.temperature, _MIN_TEMPERATURE),
+                      top_p=1.0 if g else p.top_p,          # vLLM resets these for greedy requests,
+                      top_k=0 if g else max(p.top_k, 0),    # which also keeps them out of the sort
+                      min_p=0.0 if g else p.min_p, repetition_penalty=p.repetition_penalty,
+                      presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty, greedy=g,
+                      min_tokens=p.min_tokens)
+        for name, v in values.items():
+            self.cols[name][i] = v
+        self.key[i] = _row_key_data(int(seed))
+        self.stop_ids[i] = tuple(dict.fromkeys(p.stop_token_ids + self.eos)) if p.min_tokens else ()
+
+    def clear_row(self, i: int) -> None:
+        for name, v in self._PAD.items():
+            self.cols[name][i] = v
+        self.key[i] = 0
+        self.stop_ids[i] = ()
+
+    def arrays(self, stop_width: int | None = None) -> dict[str, np.ndarray]:
+        longest = max([1] + [len(s) for s in self.stop_ids])
+        width = _pow2_at_least(longest) if stop_width is None else stop_width
+        if width < longest:
+            raise ValueError(f"stop_width={width} cannot hold a row's {longest} banned ids")
+        stop = np.full((len(self.stop_ids), width), -1, np.int32)
+        for i, s in enumerate(self.stop_ids):
+            stop[i, :len(s)] = s
+        return dict(self.cols, key=self.key.copy(), stop_ids=stop)
 
 
 jax.tree_util.register_dataclass(SamplingTensors, data_fields=list(_TENSOR_FIELDS), meta_fields=[])

@@ -448,7 +448,8 @@ def test_bad_generate_input_fails_before_any_work(tiny_1, monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("the engine ran on bad input")
 
-    monkeypatch.setattr(tiny_1.engine, "run", no_work)
+    monkeypatch.setattr(tiny_1.llm_engine, "add_request", no_work)
+    monkeypatch.setattr(tiny_1.llm_engine, "step", no_work)
     with pytest.raises(ValueError, match="empty"):
         tiny_1.generate([])
     too_long = list(range(100, 100 + tiny_1.max_model_len))

@@ -131,7 +131,7 @@ def np_filter(row, temperature, top_k, top_p, min_p):
 @pytest.mark.parametrize("field, value", [
     ("n", 0), ("n", 1.5), ("temperature", -0.1), ("temperature", float("nan")), ("temperature", float("inf")),
     ("top_p", 0.0), ("top_p", 1.01), ("top_p", -1.0), ("top_k", -2), ("top_k", 2.0), ("min_p", -0.1),
-    ("min_p", 1.5), ("max_tokens", 0), ("max_tokens", 16.0), ("max_tokens", None), ("min_tokens", -1),
+    ("min_p", 1.5), ("max_tokens", 0), ("max_tokens", 16.0), ("max_tokens", "16"), ("min_tokens", -1),
     ("min_tokens", 17), ("logprobs", -1), ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
     ("presence_penalty", 2.5), ("presence_penalty", -2.01), ("frequency_penalty", 3.0),
     ("frequency_penalty", -2.5), ("stop", [""]), ("stop", 5), ("stop_token_ids", [-1]), ("stop_token_ids", "a"),
@@ -164,9 +164,26 @@ def test_params_defaults_normalisation_and_immutability():
     assert SamplingParams(top_k=-1).top_k == -1 and SamplingParams(temperature=1e-6).greedy
     assert SamplingParams(temperature=0).greedy and not SamplingParams(temperature=1e-4).greedy
     with pytest.raises(TypeError):
-        SamplingParams(best_of=2)
+        SamplingParams(no_such_field=2)
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.temperature = 0.5
+
+
+def test_vllm_fields_accepted_honoured_or_refused():
+    from jaxpipe.sampling import RequestOutputKind
+
+    assert SamplingParams(max_tokens=None).max_tokens is None  # vLLM: until max_model_len
+    assert SamplingParams(output_kind=1).output_kind is RequestOutputKind.DELTA
+    assert SamplingParams(best_of=1).best_of == 1 and SamplingParams(extra_args={"a": 1}).extra_args == {"a": 1}
+    assert SamplingParams(truncate_prompt_tokens=5).truncate_prompt_tokens == 5
+    for field, value in (("best_of", 2), ("logit_bias", {1: 2.0}), ("allowed_token_ids", [1]),
+                         ("bad_words", ["x"]), ("logits_processors", [print]), ("structured_outputs", {})):
+        with pytest.raises(ValueError, match=rf"{field}.*not supported by jaxpipe"):
+            SamplingParams(**{field: value})
+    with pytest.raises(ValueError, match="detokenize"):
+        SamplingParams(stop="x", detokenize=False)
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        SamplingParams(truncate_prompt_tokens=0)
 
 
 # ---------------------------------------------------------------- sampler
