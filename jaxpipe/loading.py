@@ -1,98 +1,364 @@
-"""Loading checkpoint tensors straight into their final sharding.
+"""Loading checkpoint tensors straight into their final sharding: every byte read once, in parallel.
 
-Each parameter array is built with ``jax.make_array_from_callback``: for every device shard the callback
-reads only the layers (and vocabulary rows) that shard holds, so no host or device ever holds more than
-one stage's worth of one parameter, and padding slots of uneven stages are zeros that are never read.
+For each parameter of the model (``PipelineModel.abstract_params``) and each distinct shard this process
+holds (``sharding.addressable_devices_indices_map``; devices holding the same index share one host block),
+``plan_blocks`` lists the *pieces* the shard is made of: which block of which checkpoint tensor goes where.
+The layout knowledge lives here and nowhere else:
+
+- stacked layers ``[stages * slots_per_stage, ...]``: slot -> (stage, layer) by ``Layout.stage_of_slot``;
+  padding slots of shorter stages stay zeros and are never read;
+- fused ``wqkv`` = ``wq|wk|wv`` and ``w_gate_up`` = ``w_gate|w_up`` (biases likewise), columns grouped shard
+  by shard (``[q_0 k_0 v_0 | q_1 k_1 v_1 ...]``), so a tensor shard is made of one column block of each part;
+- KV heads replicated when there are fewer than tensor shards (``PipelineModel.kv_sources``);
+- ``embed``/``lm_head`` rows past the vocabulary (padding) are zeros.
+
+Reading: per checkpoint tensor, the bounding block of every piece this process needs is read once
+(``reader.read_slice``: a view of the memory-mapped file for safetensors formats; checksums are checked there
+when the whole tensor is read) and each piece is copied from it into its host block, converting the dtype
+only when the stored dtype is not the run dtype. The copies run in a thread pool (numpy releases the GIL);
+finished blocks go to their devices (``jax.device_put``) while the pool fills the next ones, within a bound
+on host memory in flight.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import collections
+import dataclasses
+import os
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import Any, Callable, Sequence
 
 import jax
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 
+from jaxpipe import dtypes
+from jaxpipe.checkpoints import VOCAB_NAMES, CheckpointReader, copy_into
 from jaxpipe.config import LlamaConfig
-from jaxpipe.pipeline import PipelineModel, map_paths
+from jaxpipe.errors import CheckpointError
+from jaxpipe.pipeline import PipelineModel, flatten_paths, map_paths
 
 # Model parameters made of several checkpoint tensors: their columns are concatenated shard by shard
 # (see DecoderLayers), so each tensor shard's slice holds its own q, k, v (gate, up) columns.
 FUSED = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"),
          "w_gate_up": ("w_gate", "w_up"), "b_gate_up": ("b_gate", "b_up")}
 _KV_NAMES = ("wk", "wv", "bk", "bv")
+# A host block larger than this is filled by several tasks (row chunks), so one big tensor is copied by
+# several threads.
+_TASK_BYTES = 64 << 20
 
 
-class _LayerTensors:
-    """One model layer's parameter as the stacked array holds it (fused, KV heads replicated as needed).
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """``block[dst] = checkpoint_tensor(name, layer)[src]``, keeping columns ``cols`` (relative to ``src``'s
+    last slice) when set: a gather for replicated KV heads."""
 
-    Remembers the last one built: the shards of one array ask for the same layer one after another.
+    name: str
+    layer: int | None
+    src: tuple[slice, ...]
+    dst: tuple[slice, ...]
+    cols: np.ndarray | None = None
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        return (self.name, self.layer)
+
+
+@dataclasses.dataclass
+class Block:
+    """One host array: the shard ``index`` of parameter ``path``, for the ``devices`` that hold it.
+    ``tasks`` are groups of pieces, each group copied by one task (one layer slot, or a chunk of rows)."""
+
+    path: str
+    index: tuple[tuple[int, int], ...]
+    shape: tuple[int, ...]
+    devices: list[Any]
+    tasks: list[list[Piece]]
+
+
+def plan_blocks(reader: CheckpointReader, model: PipelineModel,
+                devices: Sequence[Any] | None = None) -> list[Block]:
+    """Every host block this process builds, parameter by parameter, with the pieces it is made of.
+
+    ``devices`` restricts the plan to some devices (default: this process's devices of the mesh), which
+    shows what one process of a multi-process run reads.
     """
-
-    def __init__(self, reader: Any, cfg: LlamaConfig, tp: int, kv_sources: list[int]):
-        self.reader, self.tp = reader, tp
-        self.kv_cols = None if len(kv_sources) == cfg.num_kv_heads else _kv_columns(cfg, kv_sources)
-        self._key, self._value = None, None
-
-    def _part(self, name: str, layer: int) -> np.ndarray:
-        w = self.reader.read(name, layer=layer)
-        if self.kv_cols is not None and name in _KV_NAMES:
-            w = w[..., self.kv_cols]
-        return w
-
-    def __call__(self, name: str, layer: int) -> np.ndarray:
-        if self._key != (name, layer):
-            if name in FUSED:
-                parts = [np.split(self._part(n, layer), self.tp, axis=-1) for n in FUSED[name]]
-                value = np.concatenate([p[s] for s in range(self.tp) for p in parts], axis=-1)
+    cfg, layout = model.cfg, model.layout
+    kv_cols = None if len(model.kv_sources) == cfg.num_kv_heads else _kv_columns(cfg, model.kv_sources)
+    wanted = None if devices is None else set(devices)
+    blocks: list[Block] = []
+    for path, abstract in flatten_paths(model.abstract_params).items():
+        shape = tuple(abstract.shape)
+        by_index: dict[tuple, list] = {}
+        for device, index in model.param_shardings_flat[path].addressable_devices_indices_map(shape).items():
+            if wanted is None or device in wanted:
+                bounds = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+                by_index.setdefault(bounds, []).append(device)
+        for bounds, devs in by_index.items():
+            block_shape = tuple(b - a for a, b in bounds)
+            if path.startswith("layers."):
+                tasks = _layer_tasks(reader, layout, kv_cols, path.split(".", 1)[1], bounds, shape)
             else:
-                value = self._part(name, layer)
-            self._key, self._value = (name, layer), value
-        return self._value
+                tasks = _global_tasks(reader, cfg, path, bounds, block_shape, model.dtype)
+            blocks.append(Block(path, bounds, block_shape, devs, tasks))
+    return blocks
 
 
 def _kv_columns(cfg: LlamaConfig, sources: list[int]) -> np.ndarray:
-    """Column indices (into the model's KV projection) of the global, possibly replicated, KV axis."""
+    """Column indices (into the checkpoint's KV projection) of the model's global, replicated, KV axis."""
     d = cfg.head_dim
     return np.concatenate([np.arange(h * d, (h + 1) * d) for h in sources])
 
 
-def load_params(reader: Any, model: PipelineModel, *, progress: Callable[[str], None] | None = None) -> dict:
-    """Read every parameter from ``reader`` (see docs/DESIGN.md) into ``model``'s shardings."""
-    cfg, layout = model.cfg, model.layout
-    dtype = np.dtype(model.dtype)
-    layer_reader = _LayerTensors(reader, cfg, layout.tensor_parallel, model.kv_sources)
+def _layer_tasks(reader, layout, kv_cols, name: str, bounds, shape) -> list[list[Piece]]:
+    """One task per real layer slot of the block: the pieces of that layer."""
+    parts = FUSED.get(name, (name,))
+    try:
+        widths = [len(kv_cols) if kv_cols is not None and p in _KV_NAMES else reader.shape(p, 0)[-1]
+                  for p in parts]
+    except CheckpointError as e:
+        raise CheckpointError(f"model parameter layers.{name} has no checkpoint tensor: {e}") from None
+    if sum(widths) != shape[-1]:
+        raise CheckpointError(f"model parameter layers.{name} has {shape[-1]} columns but its checkpoint "
+                              f"tensors {list(parts)} make {sum(widths)}")
+    (s0, s1), mid, (lo, hi) = bounds[0], bounds[1:-1], bounds[-1]
+    mid_src = tuple(slice(a, b) for a, b in mid)
+    mid_dst = (slice(None),) * len(mid)
+    segments = _column_segments(widths, layout.tensor_parallel if name in FUSED else 1, lo, hi)
+    tasks = []
+    for j, slot in enumerate(range(s0, s1)):
+        _, layer = layout.stage_of_slot(slot)
+        if layer is None:
+            continue  # padding slot of a shorter stage: zeros, never computed
+        pieces = []
+        for part, a, b, out in segments:
+            src_cols, cols = slice(a, b), None
+            if kv_cols is not None and parts[part] in _KV_NAMES:
+                # Model KV columns -> checkpoint columns (a head repeats when KV heads are replicated).
+                wanted = kv_cols[a:b]
+                c0, c1 = int(wanted.min()), int(wanted.max()) + 1
+                src_cols = slice(c0, c1)
+                if not np.array_equal(wanted, np.arange(c0, c1)):
+                    cols = wanted - c0
+            pieces.append(Piece(parts[part], layer, mid_src + (src_cols,),
+                                (j,) + mid_dst + (slice(out, out + b - a),), cols))
+        tasks.append(pieces)
+    return tasks
 
-    def build(path: str, abstract) -> jax.Array:
-        shape, sharding = abstract.shape, model.param_shardings_flat[path]
-        if progress:
-            progress(path)
-        if path.startswith("layers."):
-            name = path.split(".", 1)[1]
 
-            def cb(index):
-                slots = range(*index[0].indices(shape[0]))
-                rest = index[1:]
-                out = np.zeros((len(slots),) + tuple(len(range(*s.indices(n))) for s, n in zip(rest, shape[1:])),
-                               dtype)
-                for j, slot in enumerate(slots):
-                    _, layer = layout.stage_of_slot(slot)
-                    if layer is None:
-                        continue  # padding slot of a shorter stage: zeros, never computed
-                    out[j] = layer_reader(name, layer)[rest].astype(dtype)
-                return out
-        elif path in ("embed", "lm_head"):
-            def cb(index):
-                rows = range(*index[0].indices(shape[0]))
-                lo, hi = rows.start, min(rows.stop, cfg.vocab_size)
-                out = np.zeros((len(rows),) + shape[1:], dtype)
-                if hi > lo:
-                    out[: hi - lo] = reader.read(path, rows=slice(lo, hi))[:, index[1]].astype(dtype)
-                return out
-        else:
-            def cb(index):
-                return np.asarray(reader.read(path))[index].astype(dtype)
-        return jax.make_array_from_callback(shape, sharding, cb)
+def _column_segments(widths: list[int], tp: int, lo: int, hi: int) -> list[tuple[int, int, int, int]]:
+    """Columns ``[lo, hi)`` of a parameter fusing parts of ``widths`` grouped over ``tp`` shards, as
+    ``(part, part_lo, part_hi, offset in the block)`` segments (in the model's column space of each part)."""
+    group = [w // tp for w in widths]
+    segments = []
+    start = 0
+    for shard in range(tp):
+        for part, g in enumerate(group):
+            a, b = max(start, lo), min(start + g, hi)
+            if a < b:
+                base = shard * g - start
+                segments.append((part, a + base, b + base, a - lo))
+            start += g
+    return segments
 
-    return map_paths(build, model.abstract_params)
 
+def _global_tasks(reader, cfg: LlamaConfig, path: str, bounds, block_shape, run_dtype) -> list[list[Piece]]:
+    """embed/lm_head: the vocabulary rows the block holds (padding rows stay zeros), in row chunks;
+    other global tensors: the block as it is."""
+    name = "embed" if path == "lm_head" and cfg.tie_word_embeddings else path
+    if name not in VOCAB_NAMES:
+        return [[Piece(name, None, tuple(slice(a, b) for a, b in bounds), (slice(None),) * len(bounds))]]
+    (r0, r1), rest = bounds[0], tuple(slice(a, b) for a, b in bounds[1:])
+    hi = min(r1, cfg.vocab_size)
+    row_bytes = int(np.prod(block_shape[1:])) * np.dtype(run_dtype).itemsize
+    step = max(1, _TASK_BYTES // max(1, row_bytes))
+    return [[Piece(name, None, (slice(a, min(a + step, hi)),) + rest,
+                   (slice(a - r0, min(a + step, hi) - r0),) + (slice(None),) * len(rest))]
+            for a in range(r0, hi, step)]
+
+
+def read_bounds(blocks: list[Block]) -> dict[tuple[str, int | None], tuple[tuple[int, int], ...]]:
+    """What loading ``blocks`` reads: per checkpoint tensor ``(name, layer)``, the bounding block
+    ``((start, stop) per axis)`` of every piece that needs it (each is read once)."""
+    boxes: dict[tuple, list[list[int]]] = {}
+    for block in blocks:
+        for task in block.tasks:
+            for p in task:
+                box = boxes.setdefault(p.key, [[s.start, s.stop] for s in p.src])
+                for axis, s in enumerate(p.src):
+                    box[axis][0], box[axis][1] = min(box[axis][0], s.start), max(box[axis][1], s.stop)
+    return {k: tuple(tuple(b) for b in v) for k, v in boxes.items()}
+
+
+class _Regions:
+    """Per checkpoint tensor, the bounding block of all pieces that need it (``read_bounds``), read once on
+    first use (under a lock) and dropped after its last piece is copied."""
+
+    def __init__(self, reader: CheckpointReader, blocks: list[Block]):
+        self.reader = reader
+        self._bounds = read_bounds(blocks)
+        self._users = collections.Counter(p.key for b in blocks for task in b.tasks for p in task)
+        self._data: dict[tuple, np.ndarray] = {}
+        self._locks = {key: threading.Lock() for key in self._bounds}
+
+    def copy(self, block: np.ndarray, piece: Piece) -> None:
+        key = piece.key
+        with self._locks[key]:
+            region = self._data.get(key)
+            if region is None:
+                region = self.reader.read_slice(key[0], key[1], tuple(slice(a, b) for a, b in self._bounds[key]))
+                self._data[key] = region
+        box = self._bounds[key]
+        src = region[tuple(slice(s.start - b[0], s.stop - b[0]) for s, b in zip(piece.src, box))]
+        if piece.cols is not None:
+            src = src[..., piece.cols]
+        copy_into(block[piece.dst], src)
+        with self._locks[key]:
+            self._users[key] -= 1
+            if self._users[key] == 0:
+                del self._data[key]
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A host block being filled (``futures``) or transferred (``arrays``, one per device)."""
+
+    block: Block
+    nbytes: int
+    host: np.ndarray
+    futures: list[Future]
+    arrays: list[jax.Array] | None = None
+
+
+def load_params(reader: CheckpointReader, model: PipelineModel, *,
+                progress: bool | Callable[[str], object] | None = None, workers: int | None = None,
+                host_bytes: int | None = None, stats: dict | None = None) -> dict:
+    """Read every parameter from ``reader`` (see docs/DESIGN.md) into ``model``'s shardings.
+
+    ``progress``: ``True`` shows a tqdm bar in bytes with the rate (GB/s), whose line is ended before an
+    error propagates (the error starts on a line of its own); a callable is called with each parameter's
+    path once it is placed; ``None``/``False`` shows nothing. ``workers`` threads copy (default: one per CPU, at most 32);
+    at most ``host_bytes`` of host blocks are in flight (default: the larger of 4 GiB and two of the largest
+    block). ``stats``, when given, is filled with where the time went (seconds): ``plan``, ``copy`` (summed
+    over threads), ``wait`` (for copies), ``put`` (in ``jax.device_put``), ``transfer`` (waiting for
+    transfers), and ``bytes``. Returns the nested parameter dict of ``model.abstract_params`` with
+    ``jax.Array`` leaves.
+    """
+    clock = time.perf_counter
+    t_start = clock()
+    times = collections.Counter()
+    run_dtype = dtypes.np_dtype(model.dtype)
+    blocks = plan_blocks(reader, model)
+    regions = _Regions(reader, blocks)
+    sizes = [int(np.prod(b.shape)) * run_dtype.itemsize for b in blocks]
+    total = sum(sizes)  # bytes this process builds on the host
+    budget = host_bytes or max(4 << 30, 2 * max(sizes, default=0))
+    bar = _bar(total) if progress is True else None
+    on_param = progress if callable(progress) else None
+    paths = flatten_paths(model.abstract_params)
+    left = collections.Counter(b.path for b in blocks)
+    placed: dict[str, dict[Any, jax.Array]] = {path: {} for path in paths}
+    arrays: dict[str, jax.Array] = {}
+    done_bytes = [0]
+    lock = threading.Lock()
+
+    times["plan"] = clock() - t_start
+
+    def run(host: np.ndarray, pieces: list[Piece]) -> None:
+        t0 = clock()
+        for piece in pieces:
+            regions.copy(host, piece)
+        with lock:
+            done_bytes[0] += sum(host[p.dst].nbytes for p in pieces)
+            times["copy"] += clock() - t0
+
+    inflight: collections.deque[_InFlight] = collections.deque()
+    inflight_bytes = 0
+
+    def put(entry: _InFlight) -> None:
+        """Wait for a block's copies, then start its transfers; assemble the parameter once complete."""
+        if entry.arrays is not None:
+            return
+        block, pending = entry.block, set(entry.futures)
+        t0 = clock()
+        while pending:
+            finished, pending = wait(pending, timeout=0.1, return_when=FIRST_EXCEPTION)
+            for f in finished:
+                f.result()  # re-raises a task's error here
+            if bar is not None:
+                bar.update(done_bytes[0] - bar.n)
+        t1 = clock()
+        entry.arrays = [jax.device_put(entry.host, d) for d in block.devices]
+        times["wait"] += t1 - t0
+        times["put"] += clock() - t1
+        placed[block.path].update(zip(block.devices, entry.arrays))
+        left[block.path] -= 1
+        if left[block.path] == 0:
+            sharding = model.param_shardings_flat[block.path]
+            shape = tuple(paths[block.path].shape)
+            order = list(sharding.addressable_devices_indices_map(shape))
+            arrays[block.path] = jax.make_array_from_single_device_arrays(
+                shape, sharding, [placed[block.path][d] for d in order])
+            del placed[block.path]
+            if on_param is not None:
+                on_param(block.path)
+
+    def retire() -> None:
+        nonlocal inflight_bytes
+        entry = inflight.popleft()
+        put(entry)
+        t0 = clock()
+        jax.block_until_ready(entry.arrays)  # the transfer is done: the host block can go
+        times["transfer"] += clock() - t0
+        inflight_bytes -= entry.nbytes
+
+    pool = ThreadPoolExecutor(max_workers=workers or min(32, os.cpu_count() or 1),
+                              thread_name_prefix="jaxpipe-load")
+    try:
+        for block, size in zip(blocks, sizes):
+            while inflight and inflight_bytes + size > budget:
+                retire()
+            host = _zeros(block.shape, run_dtype)  # zeros: padding slots and vocabulary rows stay zero
+            inflight.append(_InFlight(block, size, host, [pool.submit(run, host, task) for task in block.tasks]))
+            inflight_bytes += size
+            # Hand finished blocks to their devices now, so transfers overlap the copies still running.
+            for entry in inflight:
+                if entry.arrays is None:
+                    if not all(f.done() for f in entry.futures):
+                        break
+                    put(entry)
+        while inflight:
+            retire()
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.close()  # ends the bar's line: the error is printed on a line of its own
+        raise
+    pool.shutdown(wait=True)
+    for path in paths:
+        if path not in arrays:  # a parameter this process holds no shard of cannot happen on a valid mesh
+            raise CheckpointError(f"no shard of parameter {path} is on this process's devices")
+    if bar is not None:
+        bar.update(total - bar.n)
+        bar.close()
+    if stats is not None:
+        stats.update({k: round(v, 3) for k, v in times.items()}, bytes=total, seconds=round(clock() - t_start, 3))
+    return map_paths(lambda path, _: arrays[path], model.abstract_params)
+
+
+def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A zero host array aligned to a page: JAX's CPU backend then takes it without a copy (measured on the
+    development machine: ``device_put`` of 256 MiB took 1.2 s from numpy's own 16-byte-aligned buffer,
+    0.001 s from a 4096-byte-aligned one)."""
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(nbytes + 4096, np.uint8)
+    start = -raw.ctypes.data % 4096
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, unit_divisor=1000,
+                leave=True, dynamic_ncols=True)

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from jaxpipe import convert as convert_mod
-from jaxpipe.checkpoint import (
-    CheckpointReader, expected_tensors, key_name, open_checkpoint, read_safetensors_header, split_key)
+from jaxpipe.checkpoints import CheckpointReader, expected_tensors, key_name, open_checkpoint, split_key
 from jaxpipe.config import LlamaConfig
-from jaxpipe.convert import convert_checkpoint
+from jaxpipe.convert import add_verify_arguments, convert_checkpoint, run_verify, verify_checkpoint
 from jaxpipe.errors import CheckpointError
 
 # The DESIGN.md table, written out independently of jaxpipe.checkpoint's own mapping.
@@ -230,8 +230,8 @@ def test_convert_hf_roundtrip_float32(fixture, request, tmp_path):
     assert manifest["tensors"]["layers.2.wq"]["file"] == "layer-00002.safetensors"
     assert manifest["tensors"]["embed"]["file"] == "globals.safetensors"
     # Each layer file holds exactly that layer's tensors, so a stage reads only its own layers.
-    header = read_safetensors_header(str(Path(dst) / "layer-00001.safetensors"))
-    assert set(header) == {key_name(k) for k in hf.tensor_names() if split_key(k)[1] == 1}
+    with safe_open(str(Path(dst) / "layer-00001.safetensors"), framework="numpy") as f:
+        assert set(f.keys()) == {key_name(k) for k in hf.tensor_names() if split_key(k)[1] == 1}
     assert not list(tmp_path.glob("out.tmp-*"))
 
 
@@ -246,7 +246,7 @@ def test_convert_keep_and_bfloat16(hf_sharded_bf16, hf_untied, tmp_path):
         np.testing.assert_array_equal(got, hf.read(name, layer))
     np.testing.assert_array_equal(kept.read("lm_head", rows=slice(3, 9)), hf.read("lm_head")[3:9])
 
-    down = open_checkpoint(convert_quietly(hf_untied[0], tmp_path / "bf16"))  # default dtype: bfloat16
+    down = open_checkpoint(convert_quietly(hf_untied[0], tmp_path / "bf16", dtype="bfloat16"))
     f32 = open_checkpoint(hf_untied[0])
     got = down.read("w_down", 1)
     assert got.dtype == ml_dtypes.bfloat16
@@ -367,7 +367,9 @@ def test_corrupt_checksum(jp_untied, tmp_path):
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF  # inside the last tensor's data: the header stays valid
     f.write_bytes(bytes(data))
-    reader = open_checkpoint(d)  # headers and manifest still agree: detected on read
+    reader = open_checkpoint(d)  # headers and manifest still agree: detected by the checksums
+    assert not reader.checksums  # off by default on reads (BENCHMARKS.md: they double a CPU load)
+    reader.checksums = True
     errors = []
     for key in reader.tensor_names():
         name, layer = split_key(key)
@@ -377,6 +379,12 @@ def test_corrupt_checksum(jp_untied, tmp_path):
             errors.append(str(e))
     assert len(errors) == 1
     assert "layer-00001.safetensors" in errors[0] and "layers.1." in errors[0] and "checksum" in errors[0]
+    # One line, naming the directory to delete (issue 14: a damaged default-model cache says what to do).
+    assert "\n" not in errors[0] and f"{d} is damaged: delete it and convert again" in errors[0]
+    # jaxpipe verify finds it too, with every bad tensor named.
+    with pytest.raises(CheckpointError, match=r"1 of \d+ tensors fail their checksum: layers\.1\.") as e:
+        verify_checkpoint(d, progress=False)
+    assert "delete it and convert again" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_corrupt_manifest(jp_untied, tmp_path):
@@ -432,3 +440,109 @@ def test_failed_conversion_leaves_nothing(hf_untied, tmp_path, monkeypatch, exis
     else:
         assert not dst.exists()
     assert [p.name for p in tmp_path.iterdir()] == (["out"] if existing else [])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Issue 12: block reads, default dtype, damaged jaxpipe directories, verify, progress
+
+
+@pytest.mark.parametrize("fixture", ["hf_untied", "hf_sharded_bf16", "jp_untied"])
+def test_read_slice_is_the_block_of_read(fixture, request):
+    value = request.getfixturevalue(fixture)
+    reader = open_checkpoint(value[0] if isinstance(value, tuple) else value)
+    for name, layer, index in [("wq", 1, (slice(3, 20), slice(8, 16))), ("wk", 2, (slice(None), slice(0, 8))),
+                               ("wo", 0, (slice(16, 32),)), ("attn_norm", 1, (slice(4, 9),)),
+                               ("w_down", 2, ()), ("embed", None, (slice(100, 128), slice(1, 31)))]:
+        got = reader.read_slice(name, layer, index)
+        want = reader.read(name, layer)[index]
+        assert got.dtype == want.dtype and got.shape == want.shape, (name, index)
+        np.testing.assert_array_equal(got, want, err_msg=f"{name} {index}")
+    with pytest.raises(CheckpointError, match="step 1"):
+        reader.read_slice("wq", 0, (slice(0, 8, 2),))
+    with pytest.raises(CheckpointError, match="at most 2 slices"):
+        reader.read_slice("wq", 0, (slice(None),) * 3)
+
+
+def test_gguf_read_slice(smol_reader):
+    np.testing.assert_array_equal(smol_reader.read_slice("wk", 3, (slice(0, 5), slice(64, 128))),
+                                  smol_reader.read("wk", 3)[0:5, 64:128])
+    np.testing.assert_array_equal(smol_reader.read_slice("embed", None, (slice(10, 20),)),
+                                  smol_reader.read("embed", rows=slice(10, 20)))
+
+
+def test_convert_keeps_the_stored_dtype_by_default(hf_untied, smol_converted, tmp_path):
+    # Issue 14: float32 stays float32 (bfloat16 decodes about 2x slower on a CPU); the default CLI too.
+    jp = open_checkpoint(convert_quietly(hf_untied[0], tmp_path / "default"))
+    assert {jp.dtype(*split_key(k)) for k in jp.tensor_names()} == {np.dtype(np.float32)}
+    parser = convert_mod.add_convert_arguments(__import__("argparse").ArgumentParser())
+    assert parser.parse_args(["a", "b"]).dtype == "keep"
+
+
+def test_convert_is_deterministic_and_parallel(hf_sharded_bf16, tmp_path):
+    one = Path(convert_quietly(hf_sharded_bf16[0], tmp_path / "one", workers=1))
+    many = Path(convert_quietly(hf_sharded_bf16[0], tmp_path / "many", workers=4))
+    assert (one / "jaxpipe_manifest.json").read_text() == (many / "jaxpipe_manifest.json").read_text()
+    for f in sorted(one.glob("*.safetensors")):
+        assert f.read_bytes() == (many / f.name).read_bytes(), f.name
+
+
+def test_convert_progress_bar_is_labelled(hf_untied, tmp_path, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_checkpoint(hf_untied[0], tmp_path / "out", dtype="float32", progress=True)
+    err = capsys.readouterr().err
+    assert f"converting {hf_untied[0].name} to float32" in err and "B/s" in err
+
+
+def _damage(jp_untied, tmp_path, edit) -> Path:
+    d = Path(shutil.copytree(jp_untied, tmp_path / "jp"))
+    edit(d)
+    return d
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda d: (d / "layer-00002.safetensors").write_bytes((d / "layer-00002.safetensors").read_bytes()[:-7]),
+     r"layer-00002\.safetensors: unreadable safetensors file .*truncated"),
+    (lambda d: (d / "layer-00000.safetensors").unlink(), r"layer-00000\.safetensors: missing"),
+    (lambda d: (d / "globals.safetensors").write_bytes(b""), r"globals\.safetensors: unreadable"),
+    (lambda d: (d / "config.json").unlink(), r"no config\.json"),
+], ids=["truncated", "missing", "empty", "no-config"])
+def test_damaged_jaxpipe_dir_is_refused_on_open(jp_untied, tmp_path, damage, match):
+    d = _damage(jp_untied, tmp_path, damage)
+    with pytest.raises(CheckpointError, match=match) as e:
+        open_checkpoint(d)
+    msg = str(e.value)
+    assert "\n" not in msg and str(d) in msg and "delete" in msg and "convert again" in msg
+
+
+def test_interrupted_or_empty_directories(jp_untied, tmp_path):
+    d = _damage(jp_untied, tmp_path, lambda d: (d / "jaxpipe_manifest.json").unlink())
+    with pytest.raises(CheckpointError, match="without jaxpipe_manifest.json .*delete it and convert again"):
+        open_checkpoint(d)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="empty directory .*delete it"):
+        open_checkpoint(empty)
+
+
+def test_truncated_hf_file_one_line(hf_untied, tmp_path):
+    d = copy_hf(hf_untied[0], tmp_path / "trunc")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated") as e:
+        open_checkpoint(d)
+    assert "\n" not in str(e.value) and "model.safetensors" in str(e.value)
+
+
+def test_verify(jp_untied, hf_untied, capsys):
+    ok = verify_checkpoint(jp_untied, progress=False)
+    assert ok["kind"] == "jaxpipe" and ok["checksums"]
+    assert ok["tensors"] == len(open_checkpoint(jp_untied).tensor_names())
+    assert ok["bytes"] == sum(f.stat().st_size for f in jp_untied.glob("*.safetensors")) - sum(
+        8 + int.from_bytes(f.read_bytes()[:8], "little") for f in jp_untied.glob("*.safetensors"))
+    hf = verify_checkpoint(hf_untied[0], progress=False)
+    assert hf["kind"] == "hf" and not hf["checksums"] and hf["bytes"] == ok["bytes"]
+    parser = add_verify_arguments(__import__("argparse").ArgumentParser())
+    assert run_verify(parser.parse_args([str(jp_untied)])) == 0
+    out = capsys.readouterr().out
+    assert f"{jp_untied}: ok (jaxpipe" in out and "checksums match" in out

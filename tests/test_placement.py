@@ -8,7 +8,7 @@ empty slot), alone and with 2 tensor shards per stage:
 - the per-device bytes of the loaded parameters are what the memory plan says;
 - each device's KV cache shard has the stage's layer slots and KV heads / T;
 - loading reads, for each device, only the tensors of its own stage's layers (and only its own rows of
-  the embedding).
+  the embedding); with every device in one process, each tensor once, whole (``loading.plan_blocks``).
 """
 
 import jax
@@ -18,7 +18,8 @@ from safetensors.numpy import load_file
 
 from jaxpipe import LLM, loading, partition
 from jaxpipe.checkpoint import open_checkpoint
-from jaxpipe.pipeline import Geometry, PipelineModel
+from jaxpipe import pipeline
+from jaxpipe.pipeline import PipelineModel
 
 VARIANT = dict(layers=5, heads=4, kv_heads=2, attention_bias=True, mlp_bias=True, seed=3)
 COUNTS = [3, 2]          # vLLM's split of 5 layers over 2 stages
@@ -68,6 +69,14 @@ def tensor_block(state, name, layer, t, tp):
     if name in ROW_SPLIT:
         return np.split(w, tp, axis=0)[t]
     return w  # norms, bo, b_down: whole on every tensor shard
+
+
+def new_cache(model, microbatches, rows, cache_len):
+    """The KV cache an engine of this shape allocates (``EngineShape``/``new_state`` of the continuous-batching
+    engine; ``Geometry``/``new_cache`` before it)."""
+    if hasattr(pipeline, "EngineShape"):
+        return model.new_state(pipeline.EngineShape(microbatches, rows, cache_len)).cache
+    return model.new_cache(pipeline.Geometry(microbatches, rows, cache_len))
 
 
 def device_coords(mesh, device):
@@ -124,8 +133,7 @@ def test_parameter_shards_hold_their_stage_layers(stages, tp, checkpoint):
         assert nbytes == want, f"device {device} holds {nbytes} B of parameters; the plan says {want} B"
 
     # KV cache: each device has its stage's layer slots and KV heads / T.
-    geo = Geometry(microbatches=2, rows=2, cache_len=128)
-    cache = llm.model.new_cache(geo)
+    cache = new_cache(llm.model, microbatches=2, rows=2, cache_len=128)
     for arr in (cache.k, cache.v):
         assert arr.shape == (stages * SLOTS, 4, max(KV, tp) if KV % tp else KV, 128, D)
         for shard in arr.addressable_shards:
@@ -134,91 +142,42 @@ def test_parameter_shards_hold_their_stage_layers(stages, tp, checkpoint):
             assert shard.index[0] == slice(s * SLOTS, (s + 1) * SLOTS)
 
 
-class RecordingReader:
-    """A checkpoint reader that records every read together with the array shard being built."""
-
-    def __init__(self, reader):
-        self._reader = reader
-        self.current = None      # (parameter path, shard index) while a shard callback runs
-        self.reads = []          # (current, name, layer, rows)
-
-    def __getattr__(self, attr):
-        return getattr(self._reader, attr)
-
-    def read(self, name, layer=None, rows=None):
-        self.reads.append((self.current, name, layer, rows))
-        return self._reader.read(name, layer=layer, rows=rows)
-
-
-def index_key(index, shape):
-    return tuple(s.indices(n) for s, n in zip(index, shape))
-
-
 @pytest.mark.parametrize("stages,tp", LAYOUTS, ids=["pp2", "pp2xtp2"])
-def test_loading_reads_only_each_stage_layers(stages, tp, checkpoint, monkeypatch):
+def test_loading_reads_only_each_stage_layers_once(stages, tp, checkpoint):
+    """What each device's process would read (``plan_blocks`` for that device alone), and that one process
+    holding all devices reads every checkpoint tensor once, wholly."""
     path, _ = checkpoint
-    reader = RecordingReader(open_checkpoint(path))
+    reader = open_checkpoint(path)
     cfg = reader.config
     layout = partition.make_layout(cfg, stages, tp)
     mesh = partition.make_mesh(layout, jax.devices())
     model = PipelineModel(cfg, layout, mesh, np.float32)
 
-    building = {}
-    original = jax.make_array_from_callback
-
-    def recording_make_array(shape, sharding, callback, *args, **kwargs):
-        path_ = building["path"]
-        building[path_] = (shape, sharding)
-
-        def cb(index):
-            reader.current = (path_, index_key(index, shape))
-            try:
-                return callback(index)
-            finally:
-                reader.current = None
-
-        return original(shape, sharding, cb, *args, **kwargs)
-
-    monkeypatch.setattr(jax, "make_array_from_callback", recording_make_array)
-    params = loading.load_params(reader, model, progress=lambda p: building.__setitem__("path", p))
-    jax.block_until_ready(params)
-
-    assert all(cur is not None for cur, *_ in reader.reads), "every read happens inside a shard callback"
-    per_device = {d: set() for d in mesh.devices.flat}
-    vocab_rows = {d: [] for d in mesh.devices.flat}
-    for (param, index), name, layer, rows in reader.reads:
-        shape, sharding = building[param]
-        devices = [d for d, idx in sharding.devices_indices_map(shape).items() if index_key(idx, shape) == index]
-        assert devices, (param, index)
-        for d in devices:
-            if layer is not None:
-                per_device[d].add((name, layer))
-            elif rows is not None:
-                vocab_rows[d].append((name, rows))
-
     names = sorted({n for n, layer in (k if isinstance(k, tuple) else (k, None)
                                        for k in reader.tensor_names()) if layer is not None})
+    n_dev = stages * tp
+    per = -(-cfg.vocab_size // n_dev)
     everything = set()
     for s in range(stages):
         stage_set = {(n, layer) for layer in range(OFFSETS[s], OFFSETS[s] + COUNTS[s]) for n in names}
         union = set()
         for t in range(tp):
-            got = per_device[mesh.devices[s, t]]
+            bounds = loading.read_bounds(loading.plan_blocks(reader, model, devices=[mesh.devices[s, t]]))
+            got = {key for key in bounds if key[1] is not None}
             assert got <= stage_set, f"stage {s} shard {t} read other stages' tensors: {sorted(got - stage_set)}"
             if tp == 1:
                 assert got == stage_set
             union |= got
+            # Vocabulary tensors: each device reads only its own rows, never the whole table.
+            k = s * tp + t
+            (r0, r1), _ = bounds[("embed", None)]
+            assert r0 >= k * per and r1 <= min((k + 1) * per, cfg.vocab_size), (r0, r1)
         assert union == stage_set, f"stage {s} missed {sorted(stage_set - union)}"
         everything |= union
     assert len(everything) == cfg.num_layers * len(names)
 
-    # Vocabulary tensors: each device reads only its own rows, never the whole table.
-    n_dev = stages * tp
-    per = -(-cfg.vocab_size // n_dev)
-    for s in range(stages):
-        for t in range(tp):
-            k = s * tp + t
-            reads = vocab_rows[mesh.devices[s, t]]
-            assert reads, "each device reads its embedding rows"
-            for name, rows in reads:
-                assert rows.start >= k * per and rows.stop <= min((k + 1) * per, cfg.vocab_size), (name, rows)
+    # One process with every device: each tensor's whole extent, read once.
+    whole = loading.read_bounds(loading.plan_blocks(reader, model))
+    assert set(whole) == {k if isinstance(k, tuple) else (k, None) for k in reader.tensor_names()}
+    for (name, layer), box in whole.items():
+        assert box == tuple((0, n) for n in reader.shape(name, layer)), (name, layer, box)
