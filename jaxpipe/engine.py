@@ -60,11 +60,12 @@ class Engine:
         return self._samp[2]
 
     def prefill(self, spec: PrefillSpec, samp: SamplingTensors, batch: PrefillBatch) -> tuple:
-        """Queue a prefill dispatch; returns its outputs as device arrays (``pipeline.SAMPLE_OUTPUTS``, then
-        the logits buffer)."""
+        """Queue a prefill dispatch; returns its outputs as device arrays (``pipeline.SAMPLE_OUTPUTS``, the
+        logits buffer, then ``pipeline.SCORE_OUTPUTS``)."""
         rep = self.model.replicate
+        next_tokens = batch.next_tokens if spec.score else np.zeros((spec.batch, 0), np.int32)
         args = (self.params, self.state, samp, rep(batch.tokens), rep(batch.slots), rep(batch.start),
-                rep(batch.length), rep(batch.final), rep(batch.end))
+                rep(batch.length), rep(batch.final), rep(batch.end), rep(next_tokens))
         self.state, outs = self._compiled(spec, args)(*args)
         return outs
 

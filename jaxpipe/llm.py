@@ -421,9 +421,11 @@ class LLM:
                 raise TypeError(f"prompt {i}: {e}") from None
             except ValueError as e:
                 raise UsageError(f"prompt {i}: {e}") from None
-            if params.logprobs is not None and params.logprobs > engine.max_logprobs:
-                raise UsageError(f"SamplingParams.logprobs={params.logprobs} is more than max_logprobs="
-                                 f"{engine.max_logprobs}; ask for fewer or raise LLM(max_logprobs=...)")
+            for name in ("logprobs", "prompt_logprobs"):
+                k = getattr(params, name)
+                if k is not None and k > engine.max_logprobs:
+                    raise UsageError(f"SamplingParams.{name}={k} is more than max_logprobs={engine.max_logprobs}; "
+                                     "ask for fewer or raise LLM(max_logprobs=...)")
             if params.n > engine.max_num_seqs:
                 raise UsageError(f"SamplingParams.n={params.n} is more than max_num_seqs={engine.max_num_seqs}")
             out.append((text, ids, params))

@@ -83,6 +83,8 @@ class PrefillSpec:
     kv_len: int              # cache positions attention reads, >= every chunk's start + C
     sampler: SamplerSpec
     record_logits: bool = False   # return float32 logits of every chunk position (tests)
+    score: bool = False           # score the prompt: each position's logprob and rank of the next prompt token
+    score_top: int = 0            # ... and its top-k alternatives (prompt_logprobs), k = score_top
 
     @property
     def batch(self) -> int:
@@ -120,9 +122,12 @@ class PrefillBatch(NamedTuple):
     length: np.ndarray   # [n] int32 real tokens in the chunk (0 for padding)
     final: np.ndarray    # [n] bool: the chunk ends its prompt (sample the first token, go live)
     end: np.ndarray      # [n] int32 tokens the slot may generate
+    next_tokens: np.ndarray | None = None   # [n, C] int32: the prompt token after each position (scoring)
 
 
 SAMPLE_OUTPUTS = ("tokens", "logprobs", "ranks", "top_ids", "top_logprobs")
+SCORE_OUTPUTS = ("logprobs", "ranks", "top_ids", "top_logprobs")
+SCORE_BLOCK = 128   # prompt positions whose full-vocabulary logits exist at once while scoring
 
 
 def flatten_paths(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -286,7 +291,10 @@ class PipelineModel:
     def prefill_program(self, spec: PrefillSpec) -> Callable:
         """``fn(params, state, samp, tokens, slots, start, length, final, end) -> (state, outputs)``, jitted
         with the state donated. outputs: the first token's ``SAMPLE_OUTPUTS`` per entry ``[n, ...]`` (only
-        meaningful where ``final``), then float32 logits ``[n, C, V]`` when ``spec.record_logits``."""
+        meaningful where ``final``), float32 logits ``[n, C, V]`` when ``spec.record_logits``, then, when
+        ``spec.score``, ``SCORE_OUTPUTS`` per position ``[n, C, ...]``: the raw logprob and rank of the next
+        prompt token (``next_tokens``) and the top ``score_top`` (id, logprob) pairs. Scoring reduces the
+        logits on the devices ``SCORE_BLOCK`` positions at a time: no ``[C, V]`` array per row is returned."""
         S, Mp, bp, C = self.layout.stages, spec.microbatches, spec.rows, spec.chunk
         B, V, H = spec.shape.slots, self.cfg.vocab_size, self.cfg.hidden_size
         n = spec.batch
@@ -294,7 +302,24 @@ class PipelineModel:
         ring = self.ring(spec.shape)
         sampler_fn = make_sampler(spec.sampler)
 
-        def body(params, state: EngineState, samp, tokens, slots, start, length, final, end):
+        K = spec.score_top
+
+        def score(model, y, next_tok):
+            """Per position of ``y [bp, C, H]`` (the last stage's): logprob and rank of ``next_tok`` and top-K."""
+            parts = []
+            for a in range(0, C, SCORE_BLOCK):
+                logits = self._logits(model, y[:, a:a + SCORE_BLOCK])             # [bp, blk, V] float32
+                logprobs = jax.nn.log_softmax(logits, axis=-1)
+                nxt = jnp.clip(next_tok[:, a:a + SCORE_BLOCK], 0, V - 1)[..., None]
+                chosen = jnp.take_along_axis(logits, nxt, axis=-1)
+                rank = jnp.sum(logits >= chosen, axis=-1, dtype=jnp.int32)
+                top_lp, top_ids = jax.lax.top_k(logprobs, K) if K else (
+                    jnp.zeros(logits.shape[:-1] + (0,), jnp.float32), jnp.zeros(logits.shape[:-1] + (0,), jnp.int32))
+                parts.append((jnp.take_along_axis(logprobs, nxt, axis=-1)[..., 0], rank, top_ids.astype(jnp.int32),
+                              top_lp))
+            return tuple(jnp.concatenate(x, axis=1) for x in zip(*parts))
+
+        def body(params, state: EngineState, samp, tokens, slots, start, length, final, end, next_tokens):
             model = self.module(params)
             stage = jax.lax.axis_index(STAGE_AXIS)
             n_layers = self._layer_count()
@@ -311,9 +336,14 @@ class PipelineModel:
             embedded = model.embed_tokens(tokens).reshape(Mp, bp, C, H)
             outs = self._sample_buffers(sampler_fn, (n,), bp, samp, spec.sampler.stop_width)
             logits_buf = jnp.zeros((n, C, V) if spec.record_logits else (0,), jnp.float32)
+            if spec.score:
+                scores = (jnp.zeros((n, C), jnp.float32), jnp.zeros((n, C), jnp.int32),
+                          jnp.zeros((n, C, K), jnp.int32), jnp.zeros((n, C, K), jnp.float32))
+            else:
+                scores = tuple(jnp.zeros((0,), d) for d in (jnp.float32, jnp.int32, jnp.int32, jnp.float32))
 
             def tick(t, carry):
-                x_in, cache, outs, logits_buf = carry
+                x_in, cache, outs, logits_buf, scores = carry
                 mb = jnp.clip(sched.microbatch(stage, t), 0, Mp - 1)
                 runs = sched.runs(stage, t)
                 x = jnp.where(stage == 0, embedded[jnp.clip(t, 0, Mp - 1)], x_in)
@@ -340,11 +370,15 @@ class PipelineModel:
                 res = sampler_fn(last_logits, jax.tree.map(lambda a: a[out_slots], samp),
                                  jnp.zeros((bp,), jnp.int32), pm[out_slots], counts[out_slots])
                 outs = tuple(_put_rows(buf, fo, jnp.where(done, v, _rows(buf, fo, bp))) for buf, v in zip(outs, res))
-                return x_next, cache, outs, logits_buf
+                if spec.score:
+                    got = score(model, self._from_last_stage(y), _rows(next_tokens, fo, bp))
+                    scores = tuple(_put_rows(buf, fo, jnp.where(done, v, _rows(buf, fo, bp)))
+                                   for buf, v in zip(scores, got))
+                return x_next, cache, outs, logits_buf, scores
 
             x0 = jnp.zeros((bp, C, H), self.dtype)
-            _, cache, outs, logits_buf = jax.lax.fori_loop(0, sched.ticks, tick,
-                                                           (x0, state.cache, outs, logits_buf))
+            _, cache, outs, logits_buf, scores = jax.lax.fori_loop(
+                0, sched.ticks, tick, (x0, state.cache, outs, logits_buf, scores))
 
             # The slots' tables: where the prompt now ends, and for final chunks the first token.
             first_tok = outs[0]
@@ -365,14 +399,15 @@ class PipelineModel:
             inflight_live = state.inflight_live & ~refilled[None, :]
             new_state = state._replace(cache=cache, tables=tables, counts=counts, prompt_mask=pm,
                                        inflight_live=inflight_live)
-            return new_state, (*outs, logits_buf)
+            return new_state, (*outs, logits_buf, *scores)
 
         rep = REPLICATED
         samp_specs = jax.tree.map(lambda _: rep, SamplingTensors(*([0] * 11)))
         fn = jax.shard_map(
             body, mesh=self.mesh,
-            in_specs=(self.param_specs, self._state_specs(), samp_specs, rep, rep, rep, rep, rep, rep),
-            out_specs=(self._state_specs(), (rep,) * (len(SAMPLE_OUTPUTS) + 1)), check_vma=False)
+            in_specs=(self.param_specs, self._state_specs(), samp_specs, rep, rep, rep, rep, rep, rep, rep),
+            out_specs=(self._state_specs(), (rep,) * (len(SAMPLE_OUTPUTS) + 1 + len(SCORE_OUTPUTS))),
+            check_vma=False)
         return jax.jit(fn, donate_argnums=(1,))
 
     # -- decode -----------------------------------------------------------------------------------

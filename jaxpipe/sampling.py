@@ -95,10 +95,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # vLLM's other fields. Honoured: max_tokens=None (up to max_model_len), output_kind, detokenize,
-    # truncate_prompt_tokens. Accepted and without effect: spaces_between_special_tokens (fast tokenizers
+    # truncate_prompt_tokens, prompt_logprobs (k >= 0: each prompt token's logprob and rank, and the top k). Accepted and without effect: spaces_between_special_tokens (fast tokenizers
     # have no such option), extra_args. Accepted when they ask for nothing (None / empty / best_of == n)
     # and refused otherwise: best_of, logit_bias, allowed_token_ids, bad_words, logits_processors,
-    # guided_decoding, structured_outputs, prompt_logprobs.
+    # guided_decoding, structured_outputs.
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     detokenize: bool = True
     spaces_between_special_tokens: bool = True
@@ -135,13 +135,16 @@ class SamplingParams:
                                                ">= 1 or None"))
             if self.truncate_prompt_tokens < 1:
                 raise _bad("truncate_prompt_tokens", self.truncate_prompt_tokens, ">= 1 or None")
+        if self.prompt_logprobs is not None:
+            put("prompt_logprobs", _int("prompt_logprobs", self.prompt_logprobs, ">= 0 or None"))
+            if self.prompt_logprobs < 0:
+                raise _bad("prompt_logprobs", self.prompt_logprobs, ">= 0 or None")
         unsupported = {
             "best_of": self.best_of not in (None, 1) and self.best_of != self.n,
             "logit_bias": bool(self.logit_bias), "allowed_token_ids": self.allowed_token_ids is not None,
             "bad_words": bool(self.bad_words), "logits_processors": bool(self.logits_processors),
             "guided_decoding": self.guided_decoding is not None,
             "structured_outputs": self.structured_outputs is not None,
-            "prompt_logprobs": self.prompt_logprobs is not None,
         }
         for name, asked in unsupported.items():
             if asked:

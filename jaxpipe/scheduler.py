@@ -92,6 +92,10 @@ class _Request:
         self.arrival, self.max_new = arrival, max_new
         self.seqs: list[_Seq] = []
         self.aborted = False
+        # prompt_logprobs: one entry per prompt token, None for the first (filled as chunks are read)
+        self.prompt_logprobs: list | None = (None if params.prompt_logprobs is None
+                                             else [None] * len(prompt_ids))
+        self.sent_prompt_logprobs = False
 
     @property
     def finished(self) -> bool:
@@ -156,9 +160,11 @@ class LLMEngine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if params.logprobs is not None and params.logprobs > self.max_logprobs:
-            raise ValueError(f"SamplingParams.logprobs={params.logprobs} is more than max_logprobs="
-                             f"{self.max_logprobs}; ask for fewer or raise LLM(max_logprobs=...)")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.max_logprobs:
+                raise ValueError(f"SamplingParams.{name}={k} is more than max_logprobs={self.max_logprobs}; "
+                                 "ask for fewer or raise LLM(max_logprobs=...)")
         text, ids = self.tokenize(prompt)
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens:]
@@ -367,9 +373,16 @@ class LLMEngine:
         length = np.zeros((rows,), np.int32)
         final = np.zeros((rows,), bool)
         end = np.zeros((rows,), np.int32)
+        scoring = [s.req.params.prompt_logprobs is not None and s.index == 0 for s, _ in chosen]
+        next_tokens = np.full((rows, C), -1, np.int32) if any(scoring) else None
+        starts = []
         for i, (s, k) in enumerate(chosen):
             a = s.prefilled
+            starts.append(a)
             tokens[i, :k] = s.req.prompt_ids[a:a + k]
+            if scoring[i]:
+                nxt = s.req.prompt_ids[a + 1:a + k + 1]
+                next_tokens[i, :len(nxt)] = nxt
             slots[i], start[i], length[i] = s.slot, a, k
             final[i] = a + k == len(s.req.prompt_ids)
             end[i] = s.req.max_new
@@ -379,13 +392,15 @@ class LLMEngine:
                 s.dispatched = 1
         kv_len = _bucket(int((start + C).max()), MIN_KV_BUCKET, self.shape.cache_len)
         sampler = SamplerSpec.full(max_logprobs=self.max_logprobs, stop_width=self._sampler_spec().stop_width)
+        want_top = any(sc and s.req.params.prompt_logprobs > 0 for sc, (s, _) in zip(scoring, chosen))
         spec = PrefillSpec(shape=self.shape, microbatches=Mp, rows=bp, chunk=C, kv_len=kv_len, sampler=sampler,
-                           record_logits=self.record_logits)
+                           record_logits=self.record_logits, score=next_tokens is not None,
+                           score_top=self.max_logprobs if want_top else 0)
         samp = self.engine.sampling_tensors(self.table, self._table_version, sampler.stop_width)
-        outs = self.engine.prefill(spec, samp, PrefillBatch(tokens, slots, start, length, final, end))
+        outs = self.engine.prefill(spec, samp, PrefillBatch(tokens, slots, start, length, final, end, next_tokens))
         if self.trace is not None:
             self.trace.append(("prefill", len(chosen), int(length.sum())))
-        return ("prefill", [(s, k, bool(final[i])) for i, (s, k) in enumerate(chosen)], outs)
+        return ("prefill", [(s, k, bool(final[i]), starts[i], scoring[i]) for i, (s, k) in enumerate(chosen)], outs)
 
     def _schedule_decode(self):
         live = [s for s in self._slots if s is not None and not s.done and s.prefill_left == 0
@@ -416,10 +431,12 @@ class LLMEngine:
     def _read(self, item, touched: dict[str, _Request]) -> None:
         kind, owners, payload = item
         if kind == "prefill":
-            tok, lp, rank, top_ids, top_lp, logits = self.engine.fetch(payload)
-            for i, (s, k, final) in enumerate(owners):
+            tok, lp, rank, top_ids, top_lp, logits, *scores = self.engine.fetch(payload)
+            for i, (s, k, final, a, scoring) in enumerate(owners):
                 if s.done:
                     continue
+                if scoring:
+                    self._record_prompt_logprobs(s.req, i, k, a, scores)
                 if self.record_logits and s.index == 0:
                     rec = self._recorded.setdefault(s.req.request_id, ([], []))
                     rec[0].append(logits[i, :k])
@@ -442,6 +459,22 @@ class LLMEngine:
                     self._recorded[s.req.request_id][1].append(logits[j, r])
                 self._deliver(s, int(tok[j, r]), float(lp[j, r]), int(rank[j, r]), top_ids[j, r], top_lp[j, r],
                               touched)
+
+    def _record_prompt_logprobs(self, req: _Request, i: int, k: int, a: int, scores) -> None:
+        """Prompt positions a .. a+k-1 scored the tokens after them: entries a+1 .. a+k of prompt_logprobs."""
+        lp, rank, top_ids, top_lp = scores
+        want = req.params.prompt_logprobs
+        decode = self.tokenizer.decode
+        ids = req.prompt_ids
+        for j in range(k):
+            p = a + j + 1
+            if p >= len(ids):
+                break
+            tok = ids[p]
+            entry = {tok: Logprob(float(lp[i, j]), int(rank[i, j]), decode([tok]))}
+            for r, (tid, tlp) in enumerate(zip(top_ids[i, j, :want], top_lp[i, j, :want]), start=1):
+                entry.setdefault(int(tid), Logprob(float(tlp), r, decode([int(tid)])))
+            req.prompt_logprobs[p] = entry
 
     def _deliver(self, s: _Seq, tok: int, lp: float, rank: int, top_ids, top_lp, touched) -> None:
         req = s.req
@@ -479,8 +512,12 @@ class LLMEngine:
                 if c is not None:
                     completions.append(c)
             if completions or finished:
+                prompt_lp = req.prompt_logprobs
+                if kind == RequestOutputKind.DELTA:  # as vLLM: only in the first delta
+                    prompt_lp, req.sent_prompt_logprobs = (None if req.sent_prompt_logprobs else prompt_lp), True
                 outs.append(RequestOutput(request_id=req.request_id, prompt=req.prompt,
-                                          prompt_token_ids=req.prompt_ids, outputs=completions, finished=finished))
+                                          prompt_token_ids=req.prompt_ids, outputs=completions, finished=finished,
+                                          prompt_logprobs=None if prompt_lp is None else list(prompt_lp)))
         return outs
 
     def _completion(self, s: _Seq, kind: RequestOutputKind) -> CompletionOutput | None:
