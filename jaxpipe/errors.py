@@ -19,3 +19,8 @@ class LayoutError(JaxpipeError):
 
 class MemoryPlanError(JaxpipeError):
     """A plan whose weights and KV cache do not fit the devices' memory."""
+
+
+class UsageError(JaxpipeError):
+    """A bad argument value from the user: a command-line flag, an ``LLM`` or ``SamplingParams`` argument,
+    a prompt. The ``jaxpipe`` command prints these (and every other ``JaxpipeError``) as one line."""

@@ -49,45 +49,174 @@ the logits and the stage-to-stage ppermute), and tensor parallelism adds two all
 TP4 measured 14.10 ms/token against 9.34 ms of bytes over bandwidth, i.e. about 30 us per all-reduce
 (164 per token); PP2 x TP2 and PP4 agree within 4% with the same value (BENCHMARKS.md).
 
+``bw`` and the memory of a device come from :data:`DEVICE_KINDS` (``jaxpipe plan --device``) or from
+the device JAX sees; for the H200 ``bw`` is the copy bandwidth JAX reached there (3689 GB/s, not the
+datasheet's 4800), and with it the three Llama-2-70B layouts measured on 4x H200 came within 3.3% of
+these estimates. A GPU's memory is counted at the fraction JAX's allocator manages
+(:func:`jax_gpu_memory_fraction`), and a plan may use ``gpu_memory_utilization`` of any device's memory
+(0.9 by default), as ``LLM`` does.
+
 Not modelled: compute (large batches and prefill become compute-bound), bandwidth of the collectives
 (large batches, slow links such as PCIe or between hosts: raise ``alpha`` there), kernel launch
-overheads. Real ticks are slower than these floors
-(NOTES.md: batch-1 Llama-2-7B decode steps measured 1.9x the bandwidth floor on an H200); the estimates are for
-ranking layouts, and communication cost is what favours pipeline over tensor parallelism across slow
-links (PCIe, between hosts).
+overheads and the small per-tick work, which is why short ticks come out slower than estimated
+(Llama-2-7B batch 1 on one H200: 4.51 ms measured, 3.62 estimated); the estimates are for ranking
+layouts, and communication cost is what favours pipeline over tensor parallelism across slow links
+(PCIe, between hosts).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from typing import Any
 
 import numpy as np
 
 from jaxpipe import partition
 from jaxpipe.config import LlamaConfig
-from jaxpipe.errors import LayoutError
+from jaxpipe.errors import LayoutError, UsageError
 
-# Datasheet memory bandwidth (GB/s) by device kind substring, most specific first.
-KNOWN_BANDWIDTH_GBPS: tuple[tuple[str, float], ...] = (
-    ("H200", 4800.0),
-    ("H100", 3350.0),  # SXM datasheet
-)
 COLLECTIVE_LATENCY_US = 30.0  # per collective, NVLink H200, measured (see the module docstring)
 CPU_BANDWIDTH_GBPS = 100.0
 UNKNOWN_BANDWIDTH_GBPS = 100.0
 MAX_BATCH_SEARCH = 4096
+# JAX's allocator manages this fraction of a GPU's memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says
+# otherwise (importing jaxpipe sets it to 0.95); it is the ``bytes_limit`` a GPU reports.
+JAX_GPU_MEMORY_FRACTION = 0.75
+# The part of that which a plan may use: LLM's (and vLLM's) default gpu_memory_utilization.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+_GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceKind:
+    """Memory bandwidth and memory of one kind of device, for planning without that device at hand."""
+
+    name: str                  # the value of `jaxpipe plan --device`
+    label: str
+    bandwidth_gbps: float
+    bandwidth_source: str
+    memory_bytes: int | None   # the whole card; None for a CPU (host memory, shared by its devices)
+    match: tuple[str, ...]     # substrings of JAX's ``device_kind`` that identify it (all must appear)
+
+
+# Bandwidth. The H200's is the copy bandwidth JAX's own kernels reached on the lent H200s (a jitted
+# a * k over 4 GiB: 3689 GB/s in the call that measured Llama-2-70B on 4x H200, BENCHMARKS.md), not the
+# datasheet's 4800 nor PyTorch's copy (4280, NOTES.md): this is what XLA's code streams at, and with it
+# (and COLLECTIVE_LATENCY_US, fitted in the same call) the estimates of the three 70B layouts came within
+# 3.3% of the measured ms/token (4280 would put them 9-14% too low, 4800 17-28%). For bandwidth
+# utilisation (bench's mbu), 4280 is the ceiling to divide by. The other kinds are datasheet numbers,
+# not measured here: on the H200 JAX's copy reached 77% of the datasheet, so expect slower than planned.
+DEVICE_KINDS: tuple[DeviceKind, ...] = (
+    DeviceKind("h200", "H200", 3689.0, "JAX's copy bandwidth measured on an H200; datasheet 4800",
+               143771 * 1024 ** 2, ("h200",)),  # nvidia-smi on the lent H200s: 143771 MiB
+    DeviceKind("h100", "H100 SXM", 3350.0, "H100 SXM datasheet", 80 * _GIB, ("h100",)),
+    DeviceKind("a100", "A100 80GB", 2039.0, "A100 80GB SXM datasheet", 80 * _GIB, ("a100", "80gb")),
+    DeviceKind("a100-40gb", "A100 40GB", 1555.0, "A100 40GB datasheet", 40 * _GIB, ("a100",)),
+    DeviceKind("cpu", "CPU", CPU_BANDWIDTH_GBPS,
+               "a guess for a CPU (this project's 2-core machine reads 25.6 GB/s); pass --bandwidth-gbps",
+               None, ()),
+)
+
+
+def device_kind(name: str) -> DeviceKind:
+    """The :class:`DeviceKind` called ``name`` (``h100``, ``h200``, ``a100``, ``a100-40gb``, ``cpu``)."""
+    for kind in DEVICE_KINDS:
+        if kind.name == name.lower():
+            return kind
+    raise UsageError(f"unknown device kind {name!r}; known: {', '.join(k.name for k in DEVICE_KINDS)}")
+
+
+def kind_of_device(device) -> DeviceKind | None:
+    """The known kind of a JAX device (by its ``device_kind`` / platform), or None."""
+    if getattr(device, "platform", "") == "cpu":
+        return device_kind("cpu")
+    text = str(getattr(device, "device_kind", "")).lower()
+    if "pcie" in text or "nvl" in text:  # other memory than the SXM parts of the table
+        return None
+    for kind in DEVICE_KINDS:
+        if kind.match and all(m in text for m in kind.match):
+            return kind
+    return None
+
+
+def jax_gpu_memory_fraction() -> float:
+    """The fraction of a GPU's memory JAX will use: ``$XLA_PYTHON_CLIENT_MEM_FRACTION`` or 0.75."""
+    raw = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "").strip()
+    try:
+        value = float(raw) if raw else JAX_GPU_MEMORY_FRACTION
+    except ValueError:
+        return JAX_GPU_MEMORY_FRACTION
+    return value if value > 0 else JAX_GPU_MEMORY_FRACTION
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanDevice:
+    """What a plan assumes about each device, and where each number comes from (for printing)."""
+
+    label: str
+    memory_bytes: int | None
+    memory_source: str
+    bandwidth_gbps: float
+    bandwidth_source: str
+    notes: tuple[str, ...] = ()
+
+
+def plan_device(kind: str | None, local_device, *, memory_gib: float | None = None,
+                bandwidth_gbps: float | None = None,
+                gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION) -> PlanDevice:
+    """Memory and bandwidth per device for a plan: of the named ``kind``, else of ``local_device`` (the
+    first device JAX sees); ``memory_gib`` and ``bandwidth_gbps`` override either.
+
+    A device's memory is ``memory_gib``, else a named GPU kind's card times
+    :func:`jax_gpu_memory_fraction` (what JAX's allocator manages there), else what the device reports
+    (a CPU's: this host's memory shared by its devices); the plan may use ``gpu_memory_utilization`` of
+    it, as ``LLM`` does, so that the plan, ``jaxpipe bench`` and ``LLM`` agree on what fits.
+    """
+    named = device_kind(kind) if kind is not None else None
+    local_kind = kind_of_device(local_device)
+    chosen = named or local_kind
+    notes: list[str] = []
+    local_text = f"{getattr(local_device, 'device_kind', '?')} ({getattr(local_device, 'platform', '?')})"
+
+    if bandwidth_gbps is not None:
+        bw, bw_src = float(bandwidth_gbps), "--bandwidth-gbps"
+    elif chosen is not None:
+        bw, bw_src = chosen.bandwidth_gbps, chosen.bandwidth_source
+    else:
+        bw, bw_src = UNKNOWN_BANDWIDTH_GBPS, f"unknown device {local_text}: a guess; pass --device or --bandwidth-gbps"
+
+    if memory_gib is not None:
+        mem, mem_src = int(memory_gib * _GIB), "--device-memory-gib"
+    elif named is not None and named.memory_bytes is not None:
+        frac = jax_gpu_memory_fraction()
+        mem = int(named.memory_bytes * frac)
+        mem_src = (f"{named.label}: {named.memory_bytes / _GIB:.1f} GiB x {frac:g} that JAX manages "
+                   "(XLA_PYTHON_CLIENT_MEM_FRACTION)")
+    elif named is not None and local_kind is not named:  # a CPU named on another machine: this host's RAM
+        import jax
+        cpu = jax.local_devices(backend="cpu")[0]
+        mem, mem_src = partition.device_memory_bytes(cpu), "this host's memory, shared by its CPU devices"
+    else:
+        mem = partition.device_memory_bytes(local_device)
+        mem_src = f"reported by {local_text}"
+    if mem is not None:
+        mem = int(mem * gpu_memory_utilization)
+        mem_src += f", x {gpu_memory_utilization:g} gpu_memory_utilization"
+
+    if kind is None and bandwidth_gbps is None and getattr(local_device, "platform", "") == "cpu":
+        notes.append("note: planning for this machine's CPU; pass --device h100, h200, a100 or a100-40gb to "
+                     "plan for GPUs")
+    label = chosen.label if chosen is not None else str(getattr(local_device, "device_kind", "device"))
+    return PlanDevice(label=label, memory_bytes=mem, memory_source=mem_src, bandwidth_gbps=bw,
+                      bandwidth_source=bw_src, notes=tuple(notes))
 
 
 def default_bandwidth_gbps(device) -> tuple[float, str]:
     """A device's memory bandwidth in GB/s and where the number comes from (for printing)."""
-    kind = str(getattr(device, "device_kind", ""))
-    for key, gbps in KNOWN_BANDWIDTH_GBPS:
-        if key.lower() in kind.lower():
-            return gbps, f"{key} datasheet"
-    if getattr(device, "platform", "") == "cpu":
-        return CPU_BANDWIDTH_GBPS, "CPU guess; pass --bandwidth-gbps"
-    return UNKNOWN_BANDWIDTH_GBPS, f"unknown device {kind!r}: a guess; pass --bandwidth-gbps"
+    d = plan_device(None, device)
+    return d.bandwidth_gbps, d.bandwidth_source
 
 
 def layout_candidates(cfg: LlamaConfig, devices: int) -> list[partition.Layout]:

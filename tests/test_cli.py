@@ -92,7 +92,8 @@ def test_generate_pipeline_prompts_file_output(cache, reference, tmp_path):
     assert "\n[1] The capital of Germany is -> " in proc.stdout
     assert not list(tmp_path.glob("*.tmp"))  # the temporary file was renamed into place
     summary = proc.stderr.strip().splitlines()[-1]  # not --quiet: the summary comes last
-    for word in ("10 prompt tokens", "16 generated tokens", "prefill", "decode", "compile"):
+    for word in ("10 prompt tokens", "16 generated tokens", "prefill", "decode", "compile",
+                 "generation", "wall (compile included)", "process", "(loading included)"):
         assert word in summary, summary
 
 
@@ -115,25 +116,115 @@ def test_convert_then_generate_jsonl(cache, reference, tmp_path):
     assert "[1] What is the capital of France? -> " in proc.stdout
 
 
-def test_plan_fits_and_recommends():
-    proc = run(["plan", "llama-2-70b", "--pipeline-parallel-size", "4", "--devices", "4",
-                "--device-memory-gib", "80"])
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+def test_plan_fits_and_recommends(capsys):
+    # The README's 70B example: memory and bandwidth of the named device kind, and where they come from.
+    assert cli.main(["plan", "llama-2-70b", "--pipeline-parallel-size", "4", "--devices", "4",
+                     "--device", "h100", "--batch", "16"]) == 0
+    out = capsys.readouterr().out
+    from jaxpipe.planning import jax_gpu_memory_fraction
+
+    frac = jax_gpu_memory_fraction()  # what JAX's allocator would manage (jaxpipe sets 0.95)
+    gib = int(int(80 * 1024 ** 3 * frac) * 0.9) / 1024 ** 3
+    assert (f"devices: 4 x H100 SXM: {gib:.2f} GiB each (H100 SXM: 80.0 GiB x {frac:g} that JAX manages "
+            "(XLA_PYTHON_CLIENT_MEM_FRACTION), x 0.9 gpu_memory_utilization)") in out, out
+    assert "3350 GB/s (H100 SXM datasheet)" in out
     assert "fits: peak" in out and "DOES NOT FIT" not in out
     for layout in ("PP4 x TP1", "PP2 x TP2", "PP1 x TP4"):
         assert layout in out
     assert "recommendation: PP1 x TP4" in out  # bandwidth model: tensor parallelism has the lowest latency
     assert "highest throughput:" in out
+    # --device-memory-gib alone keeps the named kind's bandwidth (not a CPU guess).
+    assert cli.main(["plan", "llama-2-70b", "-pp", "4", "--devices", "4", "--device", "h200",
+                     "--device-memory-gib", "80"]) == 0
+    out = capsys.readouterr().out
+    assert ("72.00 GiB each (--device-memory-gib, x 0.9 gpu_memory_utilization), 3689 GB/s (JAX's copy "
+            "bandwidth measured on an H200") in out, out
+    # Without --device on a CPU: this CPU's numbers, and a note on how to plan for GPUs.
+    assert cli.main(["plan", "llama-2-70b", "-pp", "4", "--devices", "4", "--device-memory-gib", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "a guess for a CPU" in out and "pass --device h100" in out, out
 
 
-def test_plan_does_not_fit():
-    proc = run(["plan", "llama-2-70b", "--pipeline-parallel-size", "4", "--devices", "4",
-                "--device-memory-gib", "10"])
-    assert proc.returncode == 1
-    assert "DOES NOT FIT" in proc.stdout
-    assert "none of these layouts fits" in proc.stdout
-    assert "does not fit" in proc.stderr
+def test_plan_does_not_fit(capsys):
+    assert cli.main(["plan", "llama-2-70b", "--pipeline-parallel-size", "4", "--devices", "4",
+                     "--device-memory-gib", "10"]) == 1
+    captured = capsys.readouterr()
+    assert "DOES NOT FIT" in captured.out
+    assert "none of these layouts fits" in captured.out
+    assert "does not fit" in captured.err
+
+
+def test_bench_refuses_what_does_not_fit_before_allocating(capsys, monkeypatch):
+    """bench checks memory with plan_memory (as LLM and plan do) and refuses in one line, before any weight
+    is generated; plan gives the same verdict for the same batch, cache and memory."""
+    from jaxpipe import bench
+
+    monkeypatch.setattr(bench, "random_params", lambda *a, **k: pytest.fail("allocated weights"))
+    gib = 1024 ** 3
+    monkeypatch.setattr(bench.partition, "device_memory_bytes", lambda device: 12 * gib)
+    assert cli.main(["bench", "--preset", "llama-2-7b", "--batch", "1", "16"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "needs 12.68 GiB per device, but 0.9 (--gpu-memory-utilization) of each cpu device's 12.00 GiB" \
+        " is 10.80 GiB" in line, line  # bf16 weights + cache
+    plan_cmd = "jaxpipe plan llama-2-7b -pp 1 -tp 1 --batch 1 --max-model-len 256 --dtype bfloat16"
+    assert plan_cmd in line, line
+    assert cli.main(plan_cmd.split()[1:] + ["--device-memory-gib", "12"]) == 1  # the same verdict
+    assert cli.main(plan_cmd.split()[1:] + ["--device-memory-gib", "12", "--gpu-memory-utilization", "1"]) == 1
+    assert cli.main(plan_cmd.split()[1:] + ["--device-memory-gib", "15"]) == 0  # 13.5 GiB of it
+    capsys.readouterr()
+    # Two pipeline stages halve the weights per device: that fits 12 GiB (as plan says), until the batch
+    # outgrows it.
+    assert cli.main(["plan", "llama-2-7b", "-pp", "2", "--batch", "2", "--max-model-len", "256", "--dtype",
+                     "bfloat16", "--device-memory-gib", "12"]) == 0
+    capsys.readouterr()
+    cfg = bench.load_preset("llama-2-7b")
+    assert bench.check_memory(cfg, bench.partition.make_layout(cfg, 2), dtype=bench.jnp.bfloat16, batch=2,
+                              cache_len=256).fits
+
+
+def test_bench_random_weights_allocate_only_the_weights():
+    """The bench's random Llama-2-7B weights: each parameter's program needs at most a few MB besides its
+    output (one jitted init of the whole model asked XLA:CPU for a 68.5 GB temporary buffer)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxpipe import bench, partition
+    from jaxpipe.pipeline import PipelineModel, flatten_paths
+
+    cfg = bench.load_preset("llama-2-7b")
+    layout = partition.make_layout(cfg, 2)
+    pm = PipelineModel(cfg, layout, partition.make_mesh(layout), jnp.bfloat16)
+    outputs = 0
+    for path, abstract in flatten_paths(pm.abstract_params).items():
+        program = bench.random_array_program(pm.param_shardings_flat[path], abstract.shape,
+                                             jnp.dtype(abstract.dtype), bench._init_kind(path))
+        mem = program.lower(jax.random.key(0)).compile().memory_analysis()
+        assert mem.temp_size_in_bytes < 64 << 20, (path, mem.temp_size_in_bytes)
+        outputs += mem.output_size_in_bytes
+    assert outputs == pytest.approx(13.48e9 / 2, rel=0.01)  # per device of two stages
+
+
+def test_bench_random_weights_look_like_the_model_init():
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxpipe import bench, partition
+    from jaxpipe.pipeline import PipelineModel, flatten_paths
+
+    cfg = bench.load_preset("smollm2-135m")
+    layout = partition.make_layout(cfg, 2, 3)  # 6 devices: stage and tensor shards
+    pm = PipelineModel(cfg, layout, partition.make_mesh(layout), jnp.float32)
+    params = flatten_paths(bench.random_params(pm, seed=1, block_bytes=64 << 10))
+    assert set(params) == set(pm.param_shardings_flat)
+    for path, x in params.items():
+        assert x.sharding == pm.param_shardings_flat[path], path
+        a = np.asarray(x)
+        if path.endswith("norm"):
+            assert (a == 1).all(), path
+        else:
+            assert abs(a.mean()) < 1e-3 and 0.019 < a.std() < 0.021, (path, a.mean(), a.std())
+    wqkv = np.asarray(params["layers.wqkv"])
+    assert not np.allclose(wqkv[:15], wqkv[15:])  # the two stages drew their own values
 
 
 def test_bench_prints_json():
@@ -148,7 +239,7 @@ def test_bench_prints_json():
 def test_bad_temperature_subprocess():
     proc = run(["generate", PROMPT, "--temperature", "-1"])
     assert proc.returncode == 2
-    assert "temperature" in one_error_line(proc)
+    assert "--temperature" in one_error_line(proc)
 
 
 def test_version_subprocess():
@@ -179,21 +270,85 @@ def test_shared_options_have_the_same_help(capsys):
 
 
 def test_errors_are_one_line(cache, capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv("JAXPIPE_CACHE", cache["env"]["JAXPIPE_CACHE"])
+    import jaxpipe.llm
+
+    # Bad flags fail before anything is loaded or converted (here: before the default model's conversion).
+    monkeypatch.setenv("JAXPIPE_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(jaxpipe.llm, "default_model_path", lambda *a: pytest.fail("converted the model"))
+    monkeypatch.setattr(jaxpipe.llm.LLM, "__init__", lambda *a, **k: pytest.fail("loaded the model"))
     cases = [
         (["generate", PROMPT, "--model", "/nope"], "/nope"),
         (["generate", PROMPT, "--pipeline-parallel-size", "64"], "layers"),
+        (["generate", PROMPT, "--pipeline-parallel-size", "4", "--tensor-parallel-size", "3"],
+         "--pipeline-parallel-size 4 x --tensor-parallel-size 3 needs 12 devices, but JAX sees 8 cpu"),
+        (["generate", PROMPT, "--layer-partition", "10,10"], "layer_partition"),
         (["generate"], "no prompt"),
         (["generate", PROMPT, "--n", "2"], "--n"),
+        (["generate", PROMPT, "--seed", "-2"], "argument --seed: expected an integer >= 0, or -1 for no seed"),
+        (["generate", PROMPT, "--seed", "x"], "argument --seed"),
+        (["generate", PROMPT, "--max-tokens", "0"], "argument --max-tokens"),
+        (["generate", PROMPT, "--max-model-len", "1"], "argument --max-model-len: expected an integer >= 2"),
+        (["generate", PROMPT, "--top-p", "0"], "--top-p must be"),
+        (["generate", PROMPT, "--num-processes", "0"], "argument --num-processes"),
         (["generate", "--prompts-file", str(tmp_path / "missing.txt")], "missing.txt"),
         (["generate", PROMPT, "--model", "llama-2-7b"], "preset"),
-        (["convert", gguf_path(), str(cache["model"])], "already exists"),
+        (["generate", PROMPT, "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         (["plan", "no-such-model"], "not a preset"),
+        (["plan", "llama-2-7b", "--device", "tpu"], "argument --device: invalid choice"),
+        (["bench", "--unroll", "0"], "argument --unroll"),
     ]
     for argv, needle in cases:
-        assert cli.main(argv) == 2, argv
+        try:
+            rc = cli.main(argv)
+        except SystemExit as e:  # argparse's errors exit from parse_args
+            rc = e.code
+        assert rc == 2, argv
         line = one_error_line(capsys.readouterr().err)
         assert needle in line, (argv, line)
+    monkeypatch.setenv("JAXPIPE_CACHE", cache["env"]["JAXPIPE_CACHE"])
+    assert cli.main(["convert", gguf_path(), str(cache["model"])]) == 2
+    assert "already exists" in one_error_line(capsys.readouterr().err)
+
+
+def test_seed_minus_one_means_no_seed():
+    """As vLLM reads seed=-1 (the CLI passes None on; LLM keeps its own seed 0)."""
+    parser = cli.build_parser()
+    assert parser.parse_args(["generate", PROMPT, "--seed", "-1"]).seed is None
+    assert parser.parse_args(["generate", PROMPT, "--seed", "7"]).seed == 7
+    assert cli._sampling_params(parser.parse_args(["generate", PROMPT, "--seed", "-1"])).seed is None
+
+
+def test_internal_errors_are_not_shown_as_user_errors(capsys, monkeypatch):
+    """Only jaxpipe's own errors (and OSError) are one-line user errors; a bug says it is one."""
+    def broken(args):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(cli, "cmd_plan", broken)
+    assert cli.main(["plan", "llama-2-7b"]) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert lines == ["jaxpipe: internal error: TypeError: unsupported operand type(s) for +: 'int' and 'str'; "
+                     "run with --debug for the traceback"], err
+    with pytest.raises(TypeError):
+        cli.main(["plan", "llama-2-7b", "--debug"])
+
+
+def test_error_after_a_progress_bar_starts_its_own_line(capsys, monkeypatch):
+    from tqdm import tqdm
+
+    from jaxpipe.errors import CheckpointError
+
+    def fails_mid_bar(args):
+        bar = tqdm(total=10, desc="loading weights")
+        bar.update(3)
+        raise CheckpointError("layer-00003.safetensors: checksum mismatch")
+
+    monkeypatch.setattr(cli, "cmd_plan", fails_mid_bar)
+    assert cli.main(["plan"]) == 2
+    err = capsys.readouterr().err
+    i = err.index("jaxpipe: error: layer-00003.safetensors: checksum mismatch")
+    assert i > 0 and err[i - 1] in "\r\n", repr(err)  # the bar's line was cleared first
+    assert err[i:].count("\n") == 1 and "loading weights" not in err[i:], repr(err)  # nothing after
 
 
 def test_planning_formulas():

@@ -201,3 +201,41 @@ def test_devices_that_do_not_match_the_layout_are_refused_before_loading(tiny_ch
     monkeypatch.setattr(llm_module, "load_params", lambda *a, **k: pytest.fail("loaded weights"))
     with pytest.raises(LayoutError, match=r"3 devices were given .* 2 x 1 = 2"):
         LLM(model=str(path), pipeline_parallel_size=2, devices=jax.devices()[:3], progress=False)
+
+
+# -- device kinds for planning -------------------------------------------------------------------------------
+
+
+def test_plan_device_takes_bandwidth_and_memory_from_the_named_kind(monkeypatch):
+    from jaxpipe import planning
+
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    cpu = jax.devices()[0]
+    gib = 1024 ** 3
+    h100 = planning.plan_device("h100", cpu)  # JAX's allocator: 0.75 of the card, LLM's budget: 0.9 of that
+    assert (h100.bandwidth_gbps, h100.memory_bytes) == (3350.0, int(int(80 * gib * 0.75) * 0.9))
+    assert "datasheet" in h100.bandwidth_source and "x 0.75" in h100.memory_source and not h100.notes
+    # Memory given alone: the named kind still gives the bandwidth (the issue: a "CPU guess" of 100 GB/s).
+    mixed = planning.plan_device("h200", cpu, memory_gib=80)
+    assert (mixed.bandwidth_gbps, mixed.memory_bytes) == (3689.0, int(80 * gib * 0.9))
+    assert mixed.memory_source == "--device-memory-gib, x 0.9 gpu_memory_utilization"
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".95")
+    assert planning.plan_device("a100-40gb", cpu, gpu_memory_utilization=1).memory_bytes == int(40 * gib * 0.95)
+    assert planning.plan_device("a100", cpu, bandwidth_gbps=1000).bandwidth_gbps == 1000
+    # No kind named on a CPU: this machine's numbers, labelled, with a note on planning for GPUs.
+    local = planning.plan_device(None, cpu, memory_gib=80)
+    assert local.bandwidth_gbps == planning.CPU_BANDWIDTH_GBPS and "guess" in local.bandwidth_source
+    assert any("--device h100" in n for n in local.notes)
+    assert planning.plan_device(None, cpu).memory_bytes == int(partition.device_memory_bytes(cpu) * 0.9)
+
+
+@pytest.mark.parametrize("device_kind,want", [
+    ("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-SXM4-80GB", "a100"),
+    ("NVIDIA A100-SXM4-40GB", "a100-40gb"), ("NVIDIA H100 PCIe", None), ("NVIDIA L4", None)])
+def test_kind_of_a_jax_device(device_kind, want):
+    from types import SimpleNamespace
+
+    from jaxpipe import planning
+
+    kind = planning.kind_of_device(SimpleNamespace(platform="gpu", device_kind=device_kind))
+    assert (kind.name if kind else None) == want
