@@ -78,6 +78,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     group.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                        help="weight and activation dtype; auto = the checkpoint's (float32 for GGUF) "
                             "(default: auto)")
+    group.add_argument("--quantization", "-q", choices=("int8", "fp8"), default=None,
+                       help="8-bit decoder weights (q|k|v, o, gate|up, down) with per-channel scales, quantized "
+                            "on load; embeddings, norms and lm_head stay in --dtype (default: none, or what a "
+                            "`jaxpipe convert --quantization` directory holds)")
     return group
 
 
@@ -368,11 +372,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Before anything touches a device: a run over several processes joins them first.
     distributed.initialize_from_args(args)
     try:
-        llm = LLM(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
+        llm = LLM(model=model, dtype=args.dtype, quantization=args.quantization, max_model_len=args.max_model_len,
                   seed=args.seed if args.seed is not None else 0,
                   pipeline_parallel_size=args.pipeline_parallel_size,
                   tensor_parallel_size=args.tensor_parallel_size, layer_partition=args.layer_partition,
-                  num_microbatches=args.num_microbatches, progress=not args.quiet)
+                  num_microbatches=args.num_microbatches, progress=not args.quiet,
+                  max_num_seqs=min(len(items) * params.n, 256))
     except LayoutError as e:
         if "visible" in str(e) and jax.devices()[0].platform == "cpu":
             need = args.pipeline_parallel_size * args.tensor_parallel_size
@@ -380,17 +385,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               f"XLA_FLAGS=--xla_force_host_platform_device_count={need}") from e
         raise
 
-    prompts: list[Any] = []
+    prompts = []
     for it in items:
-        if "messages" in it:
-            prompts += llm.apply_chat_template(it["messages"])
-        else:
-            prompts.append(it["prompt"])
+        prompts += llm.apply_chat_template(it["messages"]) if "messages" in it else [it["prompt"]]
     printer = _Printer(items, params.n)
     # In a run over several processes (jax.distributed) every process generates the same outputs;
     # only the first prints and writes them.
     lead = jax.process_index() == 0
-    outputs = llm._generate(prompts, params, use_tqdm=False, on_text=printer.on_text if lead else None)
+    outputs, stats = _stream(llm, prompts, params, printer.on_text if lead else None)
     if not lead:
         return 0
     printer.finish(outputs)
@@ -399,8 +401,63 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.quiet:
         if args.output:
             print(f"{PROG}: wrote {len(outputs)} completions to {args.output}", file=sys.stderr)
-        print(_summary(llm.last_stats), file=sys.stderr)
+        print(_summary(stats), file=sys.stderr)
     return 0
+
+
+def _stream(llm, prompts: list, params, on_text) -> tuple[list, dict[str, float]]:
+    """Generate through the engine's public API (``llm.llm_engine``), handing each completion's new text to
+    ``on_text(prompt index, completion index, delta)`` as it is produced. Returns the ``RequestOutput``s in
+    prompt order and timing stats for the summary line."""
+    import dataclasses
+    import time
+
+    from jaxpipe.outputs import CompletionOutput, RequestOutput
+    from jaxpipe.sampling import RequestOutputKind
+
+    engine = llm.llm_engine
+    checked = []
+    for i, p in enumerate(prompts):  # every prompt is checked before any is queued
+        try:
+            text, ids = engine.tokenize(p)
+            engine.check_prompt(ids)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"prompt {i}: {e}") from None
+        checked.append({"prompt": text, "prompt_token_ids": ids})
+    delta = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
+    stats0 = engine.stats()
+    t0 = time.perf_counter()
+    for i, p in enumerate(checked):
+        engine.add_request(f"cli-{i}", p, delta)
+    outputs = [RequestOutput(request_id=f"cli-{i}", prompt=p["prompt"], prompt_token_ids=p["prompt_token_ids"],
+                             outputs=[CompletionOutput(j, "", [], None, None) for j in range(params.n)],
+                             finished=False) for i, p in enumerate(checked)]
+    first = None
+    # Loop until every request is done (not on has_unfinished_requests: in a run over several processes
+    # the others' engines receive the requests from process 0 during step()).
+    while not all(o.finished for o in outputs):
+        for out in engine.step():
+            first = first if first is not None else (time.perf_counter() - t0, engine.stats().compile_s)
+            acc = outputs[int(out.request_id.split("-", 1)[1])]
+            acc.finished = out.finished
+            for c in out.outputs:
+                a = acc.outputs[c.index]
+                a.text += c.text
+                a.token_ids += list(c.token_ids)
+                a.finish_reason, a.stop_reason = c.finish_reason, c.stop_reason
+                if on_text is not None and c.text:
+                    on_text(int(out.request_id.split("-", 1)[1]), c.index, c.text)
+    wall = time.perf_counter() - t0
+    stats = engine.stats()
+    compile_s = stats.compile_s - stats0.compile_s
+    ttft, compile_first = first if first is not None else (wall, compile_s)
+    compile_first -= stats0.compile_s
+    generated = stats.generation_tokens_total - stats0.generation_tokens_total
+    return outputs, {"prompt_tokens": stats.prompt_tokens_total - stats0.prompt_tokens_total,
+                     "generated_tokens": generated, "compile_s": compile_s, "wall_s": wall,
+                     "prefill_s": max(0.0, ttft - compile_first),
+                     "decode_s": max(0.0, wall - ttft - (compile_s - compile_first)),
+                     "decode_tokens": max(0, generated - len(checked) * params.n)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -432,6 +489,26 @@ def _add_convert(sub) -> None:
 def cmd_convert(args: argparse.Namespace) -> int:
     from jaxpipe.convert import run_convert
     return run_convert(args)
+
+
+def _add_verify(sub) -> None:
+    from jaxpipe.convert import add_verify_arguments, run_verify
+
+    p = sub.add_parser("verify", help="check every tensor of a checkpoint (jaxpipe directories: against their "
+                       "checksums)", description="Read every tensor of a checkpoint once and check it.")
+    add_verify_arguments(p)
+    _add_debug(p)
+    p.set_defaults(func=run_verify)
+
+
+def _add_serve(sub) -> None:
+    from jaxpipe.serve.cli import SERVE_EPILOG, add_serve_arguments, run_serve
+
+    p = sub.add_parser("serve", help="serve a model with an OpenAI-compatible HTTP API",
+                       description="Serve a model with an OpenAI-compatible HTTP API (continuous batching).",
+                       epilog=SERVE_EPILOG, formatter_class=_FMT)
+    add_serve_arguments(p)  # MODEL, the model and layout options, the distributed flags, --debug
+    p.set_defaults(func=run_serve)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -498,7 +575,8 @@ def _add_plan(sub) -> None:
 
 
 def _plan_model(name: str | None):
-    """(config, the dtype 'auto' means, a description) of a checkpoint path, preset or the default."""
+    """(config, the dtype 'auto' means, a description, the checkpoint's quantization or None) of a
+    checkpoint path, preset or the default."""
     import numpy as np
     from jaxpipe.checkpoint import open_checkpoint
     from jaxpipe.presets import is_preset, preset_dict, preset_names, load_preset
@@ -506,17 +584,17 @@ def _plan_model(name: str | None):
     if name is None:
         from jaxpipe.llm import DEFAULT_MODEL_NAME, default_gguf_path
         reader = open_checkpoint(default_gguf_path())
-        return reader.config, "float32", f"{DEFAULT_MODEL_NAME} (the default model, GGUF dequantized)"
+        return reader.config, "float32", f"{DEFAULT_MODEL_NAME} (the default model, GGUF dequantized)", None
     if os.path.exists(name):
         reader = open_checkpoint(name)  # reads the config and tensor headers only
-        stored = np.dtype(reader.dtype("wq", 0))
+        stored = np.dtype(reader.dtype("embed") if reader.quantization else reader.dtype("wq", 0))
         auto = stored.name if stored.name in ("float16", "bfloat16") else "float32"
-        return reader.config, auto, f"{name} ({reader.kind} checkpoint)"
+        return reader.config, auto, f"{name} ({reader.kind} checkpoint)", reader.quantization
     if is_preset(name):
         auto = preset_dict(name).get("torch_dtype") or "bfloat16"
         if auto not in ("float32", "float16", "bfloat16"):
             auto = "bfloat16"
-        return load_preset(name), auto, f"{name} (preset: shapes only)"
+        return load_preset(name), auto, f"{name} (preset: shapes only)", None
     raise FileNotFoundError(f"model {name}: no such file or directory, and not a preset "
                             f"(presets: {', '.join(preset_names())})")
 
@@ -533,7 +611,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if args.model_pos and args.model and args.model_pos != args.model:
         raise UsageError(f"two models given: MODEL {args.model_pos} and --model {args.model}; pass one")
-    cfg, auto, desc = _plan_model(args.model_pos or args.model)
+    cfg, auto, desc, stored_quant = _plan_model(args.model_pos or args.model)
+    if stored_quant is not None and args.quantization not in (None, stored_quant):
+        raise UsageError(f"--quantization {args.quantization}, but the checkpoint holds {stored_quant} weights")
+    quant = args.quantization or stored_quant
     dtype_name = auto if args.dtype == "auto" else args.dtype
     dtype = _np_dtype(dtype_name)
     layout = partition.make_layout(cfg, args.pipeline_parallel_size, args.tensor_parallel_size,
@@ -560,22 +641,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     device_bytes, bw = dev.memory_bytes, dev.bandwidth_gbps
     mem = "unknown memory" if device_bytes is None else f"{device_bytes / gib:.2f} GiB"
     print(f"model: {desc}: {cfg.num_layers} layers, {cfg.param_count() / 1e9:.2f} B parameters, "
-          f"{cfg.num_heads} heads / {cfg.num_kv_heads} KV heads, {dtype_name}")
+          f"{cfg.num_heads} heads / {cfg.num_kv_heads} KV heads, {dtype_name}"
+          f"{f', {quant} decoder weights' if quant else ''}")
     print(f"devices: {devices} x {dev.label}: {mem} each ({dev.memory_source}), {bw:g} GB/s "
           f"({dev.bandwidth_source})")
     for note in notes:
         print(note)
     print()
     plan = partition.plan_memory(cfg, layout, dtype=dtype, max_model_len=max_len, batch=args.batch,
-                                 device_bytes=device_bytes)
+                                 device_bytes=device_bytes, quantization=quant)
     print(f"requested layout: {planning.layout_name(layout)}, layers "
           f"{','.join(map(str, layout.layer_counts))}")
     print(plan.table())
     print()
     rows = planning.compare_layouts(cfg, devices, dtype=dtype, batch=args.batch, max_model_len=max_len,
-                                    device_bytes=device_bytes, bandwidth_gbps=bw)
+                                    device_bytes=device_bytes, bandwidth_gbps=bw, quantization=quant)
     print(planning.format_comparison(rows, batch=args.batch, max_model_len=max_len, dtype=dtype,
-                                     bandwidth_gbps=bw, devices=devices))
+                                     bandwidth_gbps=bw, devices=devices, quantization=quant))
     if not plan.fits:
         print(f"{PROG}: the requested layout {planning.layout_name(layout)} does not fit "
               f"({plan.peak_bytes / gib:.2f} GiB > {device_bytes / gib:.2f} GiB per device)", file=sys.stderr)
@@ -646,8 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate(sub)
     _add_convert(sub)
+    _add_verify(sub)
     _add_plan(sub)
     _add_bench(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -109,6 +109,8 @@ class LLMEngine:
     thread; ``step`` from one thread only.
     """
 
+    _instances = 0
+
     def __init__(self, model: PipelineModel, params: dict, tokenizer, *, max_num_seqs: int, max_model_len: int,
                  eos_token_ids: tuple[int, ...], seed: int = 0, num_microbatches: int | None = None,
                  steps_per_dispatch: int = 4, max_num_batched_tokens: int = 2048, max_prefill_chunk: int = 512,
@@ -142,6 +144,10 @@ class LLMEngine:
         import jax
         self._coordinated = jax.process_count() > 1   # process 0 decides; the others follow (see _sync)
         self._step_no = 0
+        # Keys of this engine in the run's key-value store: every process builds its engines in the same
+        # order, so the n-th engine has the same prefix everywhere.
+        LLMEngine._instances += 1
+        self._kv_prefix = f"jaxpipe/engine/{LLMEngine._instances}"
         self._shutdown = False
         self.stats_ = EngineStats()
         self.record_logits = False   # tests: keep float32 logits of prefill positions and generated tokens
@@ -560,12 +566,14 @@ class LLMEngine:
         """Process 0's submissions of this step, on every process (through the key-value store)."""
         from jaxpipe import distributed
 
-        key = f"jaxpipe/engine/step/{self._step_no}"
+        key = f"{self._kv_prefix}/step/{self._step_no}"
         if self._is_coordinator():
             payload = json.dumps({"items": [_encode(k, v) for k, v in items], "shutdown": self._shutdown})
             distributed.kv_set(key, payload)
-            if self._step_no >= 2:
-                distributed.kv_delete(f"jaxpipe/engine/step/{self._step_no - 2}")
+            # Keep a window: a follower is at most a few steps behind (device programs keep processes in
+            # step; steps without a dispatch do not, so the window is wide).
+            if self._step_no >= 64:
+                distributed.kv_delete(f"{self._kv_prefix}/step/{self._step_no - 64}")
             return items
         data = json.loads(distributed.kv_get(key))
         if data["shutdown"]:
