@@ -161,6 +161,94 @@ def test_logprobs(srv):
     assert srv.client.completions.create(model="fake", prompt="Hi", max_tokens=2).choices[0].logprobs is None
 
 
+# -- prompt scoring (echo, prompt_logprobs) -------------------------------------------------------------
+
+
+def _top(entry: dict, tok: int, k: int) -> dict[str, float]:
+    """OpenAI's top_logprobs of one scored position: the token and the top k, by decoded text."""
+    return {v.decoded_token: v.logprob for t, v in entry.items() if t == tok or v.rank <= k}
+
+
+def test_echo_with_logprobs_puts_the_prompt_first(srv, tok):
+    prompts = ["The capital of France is", "Hello"]
+    ids = [tok(x)["input_ids"] for x in prompts]
+    kw = dict(model="fake", max_tokens=3, temperature=0, logprobs=1)
+    plain = srv.client.completions.create(prompt=prompts, **kw)
+    for prompt, text in ((prompts, prompts), (ids, [tok.decode(x) for x in ids])):  # strings, token-id lists
+        r = srv.client.completions.create(prompt=prompt, echo=True, **kw)
+        assert r.usage == plain.usage
+        for i, (c, pc) in enumerate(zip(r.choices, plain.choices)):
+            n = len(ids[i])
+            lp, want = c.logprobs, srv.engine.prompt_logprobs_of(ids[i], 1)
+            assert c.text == text[i] + pc.text and c.finish_reason == pc.finish_reason
+            assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n + 3
+            assert lp.tokens[:n] == [tok.decode([t]) for t in ids[i]]
+            assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+            assert lp.token_logprobs[1:n] == [want[j][ids[i][j]].logprob for j in range(1, n)]
+            assert lp.top_logprobs[1:n] == [_top(want[j], ids[i][j], 1) for j in range(1, n)]
+            assert n == 1 or any(len(top) == 2 for top in lp.top_logprobs[1:n])  # a token beside a likelier one
+            assert (lp.tokens[n:], lp.token_logprobs[n:], lp.top_logprobs[n:]) == \
+                (pc.logprobs.tokens, pc.logprobs.token_logprobs, pc.logprobs.top_logprobs)
+            assert lp.text_offset == [sum(len(t) for t in lp.tokens[:j]) for j in range(n + 3)]
+            assert c.model_extra["prompt_logprobs"] is None  # not asked for
+    no_lp = srv.client.completions.create(model="fake", prompt=prompts[0], max_tokens=3, temperature=0, echo=True)
+    assert no_lp.choices[0].text == prompts[0] + plain.choices[0].text and no_lp.choices[0].logprobs is None
+
+
+def test_lm_eval_request_shapes(srv, tok):
+    """lm-eval's loglikelihood request (echo, logprobs 1, max_tokens 1) and OpenAI's scoring one (max_tokens 0)."""
+    prompt = "Tell me about the dog"
+    ids = tok(prompt)["input_ids"]
+    n = len(ids)
+    one = srv.client.completions.create(model="fake", prompt=[ids], echo=True, logprobs=1, max_tokens=1,
+                                        temperature=0)
+    assert len(one.choices[0].logprobs.token_logprobs) == n + 1 and one.usage.completion_tokens == 1
+    zero = srv.client.completions.create(model="fake", prompt=prompt, echo=True, logprobs=1, max_tokens=0,
+                                         temperature=0)
+    c = zero.choices[0]
+    assert c.text == prompt and c.finish_reason == "length" and zero.usage.completion_tokens == 0
+    assert c.logprobs.token_logprobs == one.choices[0].logprobs.token_logprobs[:n]
+    assert c.logprobs.top_logprobs == one.choices[0].logprobs.top_logprobs[:n]
+    streamed = [ch.choices[0] for ch in srv.client.completions.create(
+        model="fake", prompt=prompt, echo=True, logprobs=1, max_tokens=0, temperature=0, stream=True) if ch.choices]
+    assert "".join(s.text for s in streamed) == prompt
+    assert sum((s.logprobs.token_logprobs for s in streamed), []) == c.logprobs.token_logprobs
+
+
+def test_prompt_logprobs_field(srv, tok):
+    prompt = "Paris is nice, very nice indeed"
+    ids = tok(prompt)["input_ids"]
+    r = srv.client.completions.create(model="fake", prompt=prompt, max_tokens=2, temperature=0, n=1,
+                                      extra_body={"prompt_logprobs": 2})
+    got = r.choices[0].model_extra["prompt_logprobs"]
+    want = srv.engine.prompt_logprobs_of(ids, 2)
+    assert len(got) == len(ids) and got[0] is None
+    for j in range(1, len(ids)):
+        assert got[j] == {str(t): {"logprob": v.logprob, "rank": v.rank, "decoded_token": v.decoded_token}
+                          for t, v in want[j].items()}
+    assert r.choices[0].text == expected(srv, ids, temperature=0, max_tokens=2)[0]
+    assert r.choices[0].logprobs is None  # without echo and logprobs, no OpenAI logprobs
+    # both: echo's top_logprobs keep to logprobs=1, the field to prompt_logprobs=3
+    both = srv.client.completions.create(model="fake", prompt=prompt, max_tokens=2, temperature=0, echo=True,
+                                         logprobs=1, extra_body={"prompt_logprobs": 3}).choices[0]
+    assert both.logprobs.top_logprobs[1:len(ids)] == [_top(want[j], ids[j], 1) for j in range(1, len(ids))]
+    assert max(len(d) for d in both.model_extra["prompt_logprobs"][1:]) == 4
+
+
+def test_streamed_echo_joins_to_the_response(srv):
+    kw = dict(model="fake", prompt=["One prompt", "Another, longer prompt"], n=2, max_tokens=6, temperature=0.7,
+              seed=3, echo=True, logprobs=2)
+    whole = srv.client.completions.create(**kw)
+    text, lps = {}, {}
+    for ch in srv.client.completions.create(stream=True, **kw):
+        for c in ch.choices:
+            text[c.index] = text.get(c.index, "") + c.text
+            lp = lps.setdefault(c.index, {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []})
+            for key in lp:
+                lp[key] += getattr(c.logprobs, key)
+    assert text == {c.index: c.text for c in whole.choices}
+    assert lps == {c.index: c.logprobs.model_dump() for c in whole.choices}
+
 def test_stop_strings(srv, tok):
     prompt = "Tell me about the dog"
     ids = tok(prompt)["input_ids"]
@@ -241,7 +329,11 @@ def test_models_health_metrics(srv):
     ({"prompt": "x", "max_tokens": 0}, "max_tokens", "at least 1"),
     ({"prompt": "x", "max_tokens": 4, "min_tokens": 9}, "min_tokens", "max_tokens"),
     ({"prompt": "x", "logprobs": 21}, "logprobs", "[0, 20]"),
-    ({"prompt": "x", "echo": True}, "echo", "echo"),
+    ({"prompt": "x", "max_tokens": 0, "echo": False}, "max_tokens", "allowed with echo=true"),
+    ({"prompt": "x", "echo": True, "logprobs": 21}, "logprobs", "[0, 20]"),
+    ({"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs", "[0, 20]"),
+    ({"prompt": "x", "prompt_logprobs": -1}, "prompt_logprobs", "whole vocabulary"),
+    ({"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs", "stream=true"),
     ({"prompt": "x", "suffix": "y"}, "suffix", "suffix"),
     ({"prompt": "x", "logit_bias": {"5": 1.0}}, "logit_bias", "logit_bias"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options", "stream=true"),
@@ -318,6 +410,9 @@ def test_503_when_the_queue_is_full(tok):
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
             assert error_of(r)["code"] == "server_overloaded"
             assert metric(s.url, "jaxpipe:request_rejected_total") == 1
+            # more prompts in one request than slots + waiting places: never servable, so a 400 (not a 503)
+            r = httpx.post(s.url + "/v1/completions", json={"prompt": ["a", "b", "c"], "max_tokens": 2}, timeout=30)
+            assert r.status_code == 400 and "--max-waiting-requests" in error_of(r)["message"], r.text
         finally:
             for st in streams:
                 st.__exit__(None, None, None)

@@ -4,6 +4,7 @@ loopback port, driven by the official `openai` client, and every text is checked
 `LLM.generate` / `LLM.chat` on the same checkpoint.
 
 Covered: completions, chat, streaming (deltas joined = the non-streamed text), n=2, logprobs, stop strings,
+prompt scoring as lm-eval asks for it (echo + logprobs against offline prompt_logprobs and transformers),
 32 concurrent streaming clients of different lengths (each gets exactly what offline generation gives
 that request alone), a client dropping its stream (no running request left in /metrics; new requests
 served), the errors (400 / 401 / 404 / 503), SIGINT (exit within 10 s), and two CPU processes (PP over
@@ -224,6 +225,61 @@ def test_n2_logprobs_and_stop(client, offline):
     assert r.choices[0].text == want.text and r.choices[0].finish_reason == "stop"
     assert want.text == full[:full.index(stop)]
 
+
+# Prompts scored as lm-eval's loglikelihood requests send them: context + continuation, one batch.
+SCORED = ["The capital of France is Paris.", "Question: what is two plus two?\nAnswer: four",
+          "Hi", "A much longer context, " * 8 + "and then its continuation at the end."]
+
+
+def test_lm_eval_scoring_matches_offline_and_transformers(client, offline, tiny):
+    """lm-eval's request shape (echo, logprobs=1, max_tokens=1, temperature 0, a list of prompts as strings and as
+    token ids): every prompt token's logprob is offline prompt_logprobs=1's (1e-6, the same top token) and
+    transformers' (1e-4, its argmax); vLLM's prompt_logprobs field gives the same values by token id."""
+    import torch
+    import transformers
+
+    tok = offline.get_tokenizer()
+    ids = [tok(t)["input_ids"] for t in SCORED]
+    want = offline.generate([{"prompt_token_ids": x} for x in ids],
+                            SamplingParams(temperature=0, max_tokens=1, logprobs=1, prompt_logprobs=1), use_tqdm=False)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = [torch.log_softmax(hf(torch.tensor([x])).logits[0].float(), -1).numpy() for x in ids]
+    kw = dict(model="tiny", echo=True, logprobs=1, max_tokens=1, temperature=0)
+    for form, texts in ((SCORED, SCORED), (ids, [tok.decode(x) for x in ids])):
+        r = client.completions.create(prompt=form, **kw)
+        assert [c.index for c in r.choices] == list(range(len(ids)))
+        for c, w, x, row, text in zip(r.choices, want, ids, ref, texts):
+            lp, n, gen = c.logprobs, len(x), w.outputs[0]
+            assert c.text == text + gen.text
+            assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.tokens) == n + 1
+            assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+            for j in range(1, n):
+                e = w.prompt_logprobs[j]
+                top1 = next(t for t, v in e.items() if v.rank == 1)
+                assert abs(lp.token_logprobs[j] - e[x[j]].logprob) <= 1e-6, (j, lp.token_logprobs[j], e[x[j]])
+                assert abs(lp.token_logprobs[j] - row[j - 1, x[j]]) <= 1e-4, (j, lp.token_logprobs[j], row[j - 1, x[j]])
+                assert top1 == int(row[j - 1].argmax())
+                assert set(lp.top_logprobs[j]) == {tok.decode([x[j]]), tok.decode([top1])}
+                assert abs(max(lp.top_logprobs[j].values()) - e[top1].logprob) <= 1e-6
+            # the one generated token closes the list (lm-eval drops it: token_logprobs[ctxlen:-1])
+            assert abs(lp.token_logprobs[n] - gen.logprobs[0][gen.token_ids[0]].logprob) <= 1e-6
+        zero = client.completions.create(prompt=form, **{**kw, "max_tokens": 0})  # OpenAI's scoring request
+        assert [c.text for c in zero.choices] == texts and zero.usage.completion_tokens == 0
+        assert [c.logprobs.token_logprobs for c in zero.choices] == [c.logprobs.token_logprobs[:-1] for c in r.choices]
+    scored = client.completions.create(prompt=ids, extra_body={"prompt_logprobs": 1}, **kw)
+    for c, w in zip(scored.choices, want):
+        got = c.model_extra["prompt_logprobs"]
+        assert got[0] is None and len(got) == len(w.prompt_logprobs)
+        for g, e in zip(got[1:], w.prompt_logprobs[1:]):
+            assert set(g) == {str(t) for t in e}
+            assert all(abs(g[str(t)]["logprob"] - v.logprob) <= 1e-6 and g[str(t)]["rank"] == v.rank
+                       for t, v in e.items())
+    for body, param in (({"max_tokens": 0, "logprobs": 1}, "max_tokens"),  # 0 only with echo
+                        ({"stream": True, "extra_body": {"prompt_logprobs": 1}}, "prompt_logprobs")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="tiny", prompt=ids[0], **body)
+        assert err.value.body["param"] == param and err.value.body["type"] == "invalid_request_error"
 
 def test_32_concurrent_streams_each_get_their_offline_text(server, offline):
     prompts = [f"Request {i}: a story about {w}" for i, w in

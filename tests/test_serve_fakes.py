@@ -3,7 +3,8 @@
 ``FakeEngine`` follows the interface of ``jaxpipe.scheduler.LLMEngine`` (add_request / abort_request /
 step / wait_for_requests / stats / warmup / shutdown, DELTA / CUMULATIVE / FINAL_ONLY outputs) with a
 real tokenizer and jaxpipe's own ``IncrementalDetokenizer`` (so stop strings, min_tokens, EOS and finish
-reasons behave as the engine's), but "generates" deterministic tokens from a fixed word list: the routes,
+reasons behave as the engine's), but "generates" deterministic tokens from a fixed word list (and scores
+prompts with deterministic ``prompt_logprobs``, in the first DELTA output only, as the engine): the routes,
 protocol, streaming, errors, disconnects, metrics and shutdown of the server can be tested in seconds.
 The tests of the server on the real engine are in test_serve_e2e.py.
 """
@@ -70,6 +71,8 @@ class _Seq:
 class _Req:
     def __init__(self, request_id, prompt, ids, params, seqs) -> None:
         self.request_id, self.prompt, self.ids, self.params, self.seqs = request_id, prompt, ids, params, seqs
+        self.prompt_logprobs = None
+        self.sent_prompt_logprobs = False
 
 
 class FakeEngine:
@@ -114,11 +117,14 @@ class FakeEngine:
         if any(not 0 <= t < self.model_config.vocab_size for t in ids):
             raise ValueError(f"request {request_id}: token ids outside the vocabulary")
         seqs = [_Seq(IncrementalDetokenizer(self.tokenizer, ids, params, self.eos)) for _ in range(params.n)]
+        req = _Req(request_id, text, ids, params, seqs)
+        if getattr(params, "prompt_logprobs", None) is not None:
+            req.prompt_logprobs = self.prompt_logprobs_of(ids, params.prompt_logprobs)
         with self._cond:
             if request_id in self._ids:
                 raise ValueError(f"request id {request_id} is already live")
             self._ids.add(request_id)
-            self._new.append(_Req(request_id, text, ids, params, seqs))
+            self._new.append(req)
             self._signal = True
             self._cond.notify_all()
 
@@ -166,6 +172,23 @@ class FakeEngine:
         for rank, t in enumerate(others[:max(0, top - 1)], start=2):
             entry[t] = Logprob(-1.0 - rank, rank, dec(t))
         return entry
+
+    def prompt_logprobs_of(self, ids: list[int], top: int) -> list[dict[int, Logprob] | None]:
+        """The fake's scores of a prompt, shaped as the engine's: None, then per token the token itself
+        (rank 1 at odd positions, else rank 3 + position) and the top ``top`` (ranks 1..top)."""
+        dec = lambda t: self.tokenizer.decode([t])  # noqa: E731
+        out: list[dict[int, Logprob] | None] = [None]
+        for pos in range(1, len(ids)):
+            tok = ids[pos]
+            first = pos % 2 == 1
+            entry = {tok: Logprob(-0.5 - 0.01 * pos if first else -3.0 - 0.01 * pos, 1 if first else 3 + pos,
+                                  dec(tok))}
+            others = [t for t in dict.fromkeys(self.words) if t != tok]
+            best = ([tok] if first else []) + others
+            for rank, t in enumerate(best[:top], start=1):
+                entry.setdefault(t, Logprob(-1.0 - 0.1 * rank, rank, dec(t)))
+            out.append(entry)
+        return out
 
     def step(self) -> list[RequestOutput]:
         with self._cond:
@@ -238,8 +261,11 @@ class FakeEngine:
                 if r.params.logprobs is not None else None,
                 logprobs=lps if r.params.logprobs is not None else None,
                 finish_reason=d.finish_reason, stop_reason=d.stop_reason))
+        prompt_lp = r.prompt_logprobs
+        if kind == RequestOutputKind.DELTA:  # as the engine (and vLLM): in the first output only
+            prompt_lp, r.sent_prompt_logprobs = (None if r.sent_prompt_logprobs else prompt_lp), True
         return RequestOutput(request_id=r.request_id, prompt=r.prompt, prompt_token_ids=r.ids, outputs=comps,
-                             finished=finished)
+                             finished=finished, prompt_logprobs=prompt_lp)
 
     # -- offline reference ------------------------------------------------------------------------
 

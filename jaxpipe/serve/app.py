@@ -8,9 +8,16 @@ too long for ``max_model_len``; 401 for a wrong API key; 404 for an unknown mode
 inside the server (the others go on).
 
 Every engine request gets ``output_kind=DELTA``: each step's outputs carry only the new text, tokens and
-logprobs, which stream as they are and add up for non-streamed responses. Tokenization and chat
-templates run on one worker thread (the HF tokenizer is not safe to mutate from several threads; one
-thread also keeps the order of arrival), so the event loop only routes bytes.
+logprobs, which stream as they are and add up for non-streamed responses (``prompt_logprobs`` come in a
+request's first output only).
+
+Prompt scoring, as vLLM's server: ``echo`` puts the prompt in front of the completion and, with
+``logprobs=k``, its tokens (the first with a ``null`` logprob) in front of the completion's logprobs;
+``max_tokens=0`` with ``echo`` returns the prompt alone (the engine generates one token, which is
+dropped); vLLM's ``prompt_logprobs`` field fills each choice's ``prompt_logprobs``.
+
+Tokenization and chat templates run on one worker thread (the HF tokenizer is not safe to mutate from
+several threads; one thread also keeps the order of arrival), so the event loop only routes bytes.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -44,6 +52,12 @@ logger = logging.getLogger("jaxpipe.serve")
 
 # Seconds a client should wait before retrying a 503 (queue full or stopping).
 RETRY_AFTER_S = 1
+# The floor put on logprobs in responses, as vLLM's server: JSON has no -inf.
+MIN_LOGPROB = -9999.0
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
 
 
 class ApiError(Exception):
@@ -88,6 +102,25 @@ def _engine_error(e: BaseException) -> ApiError:
 _FIELD = re.compile(r"SamplingParams\.(\w+)")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Echo:
+    """What ``echo`` puts in front of one prompt's completions: its text and token ids."""
+
+    text: str
+    ids: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class _CompletionShape:
+    """How one /v1/completions request's outputs become choices: ``n`` per prompt, ``logprobs`` (top k or
+    None), ``echoes`` (per prompt, or None without echo), ``prompt_only`` (echo with max_tokens=0)."""
+
+    n: int
+    logprobs: int | None
+    echoes: list[_Echo] | None
+    prompt_only: bool
+
+
 class _Choice:
     """One completion being assembled from DELTA outputs (text, token count, logprobs, finish)."""
 
@@ -122,6 +155,7 @@ class OpenAIServer:
         self.tokenizer = engine.tokenizer
         self.max_model_len = int(engine.max_model_len)
         self.vocab_size = int(engine.model_config.vocab_size)
+        self.max_logprobs = int(getattr(engine, "max_logprobs", p.MAX_LOGPROBS))
         if max_waiting_requests is None:
             max_waiting_requests = 4 * int(engine.max_num_seqs)
         from jaxpipe import distributed
@@ -187,12 +221,17 @@ class OpenAIServer:
                                 f"{where} has {len(ids)} tokens, which leaves no room to generate. Shorten it.",
                            param=param, code="context_length_exceeded")
 
-    def _max_tokens(self, asked: int | None, prompt_len: int, param: str, field: str) -> int:
+    def _max_tokens(self, asked: int | None, prompt_len: int, param: str, field: str,
+                    echo: bool | None = None) -> int:
+        """The completion's length; ``echo``: None where echo does not exist (chat), else the request's."""
         room = self.max_model_len - prompt_len
         if asked is None:
             return room
+        if asked == 0 and echo:  # the prompt scored alone (vLLM's server allows it with echo)
+            return 0
         if asked < 1:
-            raise ApiError(400, f"{field} must be at least 1, got {asked}", param=field)
+            hint = " (0 is allowed with echo=true: the prompt scored, nothing generated)" if echo is False else ""
+            raise ApiError(400, f"{field} must be at least 1, got {asked}{hint}", param=field)
         if asked > room:
             raise ApiError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
                                 f"you requested {prompt_len + asked} tokens ({prompt_len} in the {param}, "
@@ -200,10 +239,14 @@ class OpenAIServer:
                                 f"{field}.", param=field, code="context_length_exceeded")
         return asked
 
-    def _sampling_params(self, req: p._SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        if logprobs is not None and not 0 <= logprobs <= p.MAX_LOGPROBS:
-            raise ApiError(400, f"logprobs must be in [0, {p.MAX_LOGPROBS}], got {logprobs}",
-                           param="top_logprobs" if isinstance(req, p.ChatCompletionRequest) else "logprobs")
+    def _check_logprobs(self, k: int | None, param: str) -> None:
+        if k is not None and not 0 <= k <= self.max_logprobs:
+            raise ApiError(400, f"{param} must be in [0, {self.max_logprobs}], got {k}" +
+                           (" (-1, the whole vocabulary, is not supported)" if k == -1 else ""), param=param)
+
+    def _sampling_params(self, req: p._SamplingFields, max_tokens: int, logprobs: int | None,
+                         prompt_logprobs: int | None = None) -> SamplingParams:
+        self._check_logprobs(logprobs, "top_logprobs" if isinstance(req, p.ChatCompletionRequest) else "logprobs")
 
         def opt(value, default):
             return default if value is None else value
@@ -212,6 +255,7 @@ class OpenAIServer:
             n=req.n, temperature=opt(req.temperature, 1.0), top_p=opt(req.top_p, 1.0), top_k=opt(req.top_k, 0),
             min_p=opt(req.min_p, 0.0), seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
             max_tokens=max_tokens, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             repetition_penalty=opt(req.repetition_penalty, 1.0),
             presence_penalty=opt(req.presence_penalty, 0.0), frequency_penalty=opt(req.frequency_penalty, 0.0),
             skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
@@ -225,6 +269,12 @@ class OpenAIServer:
     def _submit(self, request_id: str, prompts: list[dict[str, Any]], params: list[SamplingParams]) -> asyncio.Queue:
         """Submit every prompt (tag = its index) to one queue, all or nothing."""
         seqs = sum(sp.n for sp in params)
+        slots, waiting = int(self.engine.max_num_seqs), self.client.max_waiting_requests
+        if seqs > slots + waiting:  # would never fit, even on an idle server: retrying cannot help
+            raise ApiError(400, f"this request needs {seqs} sequences ({len(params)} prompts x n={params[0].n}), "
+                                f"more than the server holds at once ({slots} slots (--max-num-seqs) + {waiting} "
+                                f"waiting (--max-waiting-requests)); send fewer prompts per request (lm-eval: "
+                                f"a smaller --batch_size) or raise --max-waiting-requests", param="prompt")
         if not self.client.has_room(seqs):
             self.metrics.rejected()
             raise ApiError(503, f"the server is at capacity: {self.client.num_waiting_sequences} sequences are "
@@ -264,17 +314,31 @@ class OpenAIServer:
 
     # -- /v1/completions ----------------------------------------------------------------------------
 
+    def _prompt_logprobs(self, req: p.CompletionRequest) -> int | None:
+        """The top-k prompt logprobs to ask the engine for: vLLM's ``prompt_logprobs`` field, and with
+        ``echo`` and ``logprobs=k`` the top k of every prompt token (the larger of the two)."""
+        k = req.prompt_logprobs
+        if k is not None:
+            if req.stream:
+                raise ApiError(400, "prompt_logprobs are not available with stream=true (as vLLM's server); "
+                                    "stream echo=true with logprobs instead, or do not stream",
+                               param="prompt_logprobs")
+            self._check_logprobs(k, "prompt_logprobs")
+        if req.echo and req.logprobs is not None:
+            self._check_logprobs(req.logprobs, "logprobs")
+            k = req.logprobs if k is None else max(k, req.logprobs)
+        return k
+
     async def completions(self, req: p.CompletionRequest, raw: Request) -> Response:
         arrival = time.perf_counter()
         model = self.check_model(req.model)
         self._check_common(req)
         for field, bad, why in (
-                ("echo", req.echo, "echo (the prompt in front of the completion) is not supported yet"),
-                ("prompt_logprobs", req.prompt_logprobs is not None, "prompt_logprobs are not supported yet"),
                 ("suffix", req.suffix is not None, "suffix (fill-in-the-middle) is not supported"),
                 ("best_of", req.best_of not in (None, req.n), "best_of other than n is not supported")):
             if bad:
                 raise ApiError(400, why, param=field)
+        prompt_logprobs = self._prompt_logprobs(req)
         prompt = req.prompt
         if isinstance(prompt, str):
             items: list[Any] = [prompt]
@@ -285,77 +349,150 @@ class OpenAIServer:
         else:
             items = list(prompt)
         texts = [x for x in items if isinstance(x, str)]
-        encoded = iter(await self._tokenize(lambda: [self.tokenizer(t)["input_ids"] for t in texts]) if texts else [])
-        prompts, params = [], []
+        # echo of a token-id prompt: its text, decoded as vLLM's server does (special tokens kept)
+        to_decode = [x for x in items if not isinstance(x, str)] if req.echo else []
+
+        def tokenize() -> tuple[list[list[int]], list[str]]:
+            return ([self.tokenizer(t)["input_ids"] for t in texts],
+                    [self.tokenizer.decode([int(t) for t in x]) for x in to_decode])
+
+        encoded, decoded = await self._tokenize(tokenize) if texts or to_decode else ([], [])
+        encoded, decoded = iter(encoded), iter(decoded)
+        prompts, params, echoes = [], [], []
         for i, x in enumerate(items):
             ids = [int(t) for t in (next(encoded) if isinstance(x, str) else x)]
             self._check_ids(ids, i, "prompt")
-            max_tokens = self._max_tokens(req.max_tokens, len(ids), "prompt", "max_tokens")
-            params.append(self._sampling_params(req, max_tokens, req.logprobs))
+            max_tokens = self._max_tokens(req.max_tokens, len(ids), "prompt", "max_tokens", echo=req.echo)
+            # max_tokens=0 (echo only): the engine generates one token, which the response leaves out
+            params.append(self._sampling_params(req, max(max_tokens, 1), req.logprobs, prompt_logprobs))
             prompts.append({"prompt_token_ids": ids, **({"prompt": x} if isinstance(x, str) else {})})
+            if req.echo:
+                echoes.append(_Echo(x if isinstance(x, str) else next(decoded), ids))
         request_id = f"cmpl-{uuid.uuid4().hex}"
         queue = self._submit(request_id, prompts, params)
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         timers = [self.metrics.timer(arrival) for _ in prompts]
         n = req.n
         usage = p.UsageInfo(prompt_tokens=sum(len(x["prompt_token_ids"]) for x in prompts))
+        shape = _CompletionShape(n=n, logprobs=req.logprobs, echoes=echoes if req.echo else None,
+                                 prompt_only=req.max_tokens == 0)
         if req.stream:
-            return self._stream(self._completion_chunks(queue, ids, timers, request_id, model, n, usage,
+            return self._stream(self._completion_chunks(queue, ids, timers, request_id, model, shape, usage,
                                                         req.stream_options))
         try:
             choices = {i: _Choice(i) for i in range(len(prompts) * n)}
+            scored: dict[int, list] = {}  # prompt index -> its prompt_logprobs (in its first output)
             async for tag, out in self._outputs(queue, len(prompts), timers):
+                if out.prompt_logprobs is not None:
+                    scored.setdefault(tag, out.prompt_logprobs)
                 for c in out.outputs:
                     choices[tag * n + c.index].add(c)
         finally:
             self.client.abort(ids)  # a no-op unless the client left or something failed
-        usage.completion_tokens = sum(c.num_tokens for c in choices.values())
+        if prompt_logprobs is not None and len(scored) < len(prompts):
+            raise ApiError(500, "the engine returned no prompt_logprobs for a request that asked for them")
+        body_choices = []
+        for c in choices.values():
+            tag = c.index // n
+            text, entries = "".join(c.text), c.logprobs
+            finish, stop = c.finish_reason, c.stop_reason
+            if shape.prompt_only:
+                text, entries, finish, stop = "", [], "length", None
+            if shape.echoes is not None:
+                echo = shape.echoes[tag]
+                text = echo.text + text
+                if req.logprobs is not None:
+                    entries = list(zip(echo.ids, scored[tag])) + entries
+            body_choices.append(p.CompletionChoice(
+                index=c.index, text=text, finish_reason=finish, stop_reason=stop,
+                logprobs=self._completion_logprobs(entries, req.logprobs) if req.logprobs is not None else None,
+                prompt_logprobs=(self._prompt_logprobs_body(prompts[tag]["prompt_token_ids"], scored[tag],
+                                                            req.prompt_logprobs)
+                                 if req.prompt_logprobs is not None else None)))
+        usage.completion_tokens = 0 if shape.prompt_only else sum(c.num_tokens for c in choices.values())
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        body = p.CompletionResponse(
-            id=request_id, model=model, usage=usage,
-            choices=[p.CompletionChoice(index=c.index, text="".join(c.text), finish_reason=c.finish_reason,
-                                        stop_reason=c.stop_reason,
-                                        logprobs=self._completion_logprobs(c.logprobs) if req.logprobs is not None
-                                        else None)
-                     for c in choices.values()])
+        body = p.CompletionResponse(id=request_id, model=model, usage=usage, choices=body_choices)
         return JSONResponse(body.model_dump())
 
-    @staticmethod
-    def _completion_logprobs(entries: list[tuple[int, dict]], offset: int = 0) -> p.CompletionLogProbs:
+    def _completion_logprobs(self, entries: list[tuple[int, dict | None]], k: int,
+                             offset: int = 0) -> p.CompletionLogProbs:
+        """OpenAI's parallel lists from ``(token id, {id: Logprob} or None)`` per token: the token's text
+        and logprob and the top ``k`` (plus the token itself), by decoded text; None (the first prompt
+        token) gives a ``null`` logprob and ``null`` top_logprobs, as vLLM's server."""
         out = p.CompletionLogProbs()
         for tid, d in entries:
-            lp = d[tid]
-            token = lp.decoded_token or ""
+            if d is None:
+                token = self.tokenizer.decode([tid])
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+            else:
+                lp = d[tid]
+                token = lp.decoded_token if lp.decoded_token is not None else self.tokenizer.decode([tid])
+                out.token_logprobs.append(_finite(lp.logprob))
+                top: dict[str, float] = {}
+                for t, v in sorted(d.items(), key=lambda item: item[1].rank or 0):
+                    if t == tid or (v.rank is not None and v.rank <= k):
+                        top.setdefault(v.decoded_token or "", _finite(v.logprob))
+                out.top_logprobs.append(top)
             out.tokens.append(token)
-            out.token_logprobs.append(lp.logprob)
-            out.top_logprobs.append({(v.decoded_token or ""): v.logprob
-                                     for v in sorted(d.values(), key=lambda v: v.rank or 0)})
             out.text_offset.append(offset)
             offset += len(token)
         return out
 
-    async def _completion_chunks(self, queue, ids, timers, request_id, model, n, usage, options):
+    @staticmethod
+    def _prompt_logprobs_body(ids: list[int], scored: list, k: int) -> list[dict[int, p.Logprob] | None]:
+        """vLLM's ``prompt_logprobs``: per prompt token the token itself and the top ``k``, by token id."""
+        return [None if d is None else
+                {t: p.Logprob(logprob=_finite(v.logprob), rank=v.rank, decoded_token=v.decoded_token)
+                 for t, v in d.items() if t == tid or (v.rank is not None and v.rank <= k)}
+                for tid, d in zip(ids, scored)]
+
+    async def _completion_chunks(self, queue, ids, timers, request_id, model, shape: _CompletionShape, usage,
+                                 options):
         include_usage = options is not None and options.include_usage
         offsets: dict[int, int] = {}
+        echoed: set[int] = set()
+        scored: dict[int, list] = {}
+        n = shape.n
+        # no prompt_logprobs field in chunks (it is refused with stream, as vLLM's server)
+        exclude: dict[str, Any] = {"choices": {"__all__": {"prompt_logprobs"}}}
+        if not include_usage:
+            exclude["usage"] = True
 
         def chunk(choices: list[p.CompletionChoice], final_usage: p.UsageInfo | None = None) -> str:
             body = p.CompletionResponse(id=request_id, model=model, choices=choices, usage=final_usage)
-            return _sse(body, exclude=None if include_usage else {"usage"})
+            return _sse(body, exclude=exclude)
 
         try:
             async for tag, out in self._outputs(queue, len(ids), timers):
+                if out.prompt_logprobs is not None:
+                    scored.setdefault(tag, out.prompt_logprobs)
                 for c in out.outputs:
-                    usage.completion_tokens += len(c.token_ids)
-                    if not c.text and not c.token_ids and c.finish_reason is None:
-                        continue
                     index = tag * n + c.index
+                    text, entries = c.text, list(zip(c.token_ids, c.logprobs or []))
+                    finish, stop = c.finish_reason, c.stop_reason
+                    if shape.prompt_only:
+                        text, entries = "", []
+                        finish, stop = ("length" if finish is not None else None), None
+                    else:
+                        usage.completion_tokens += len(c.token_ids)
+                    if shape.echoes is not None and index not in echoed:  # the prompt, in the first chunk
+                        echoed.add(index)
+                        echo = shape.echoes[tag]
+                        text = echo.text + text
+                        if shape.logprobs is not None:
+                            if tag not in scored:
+                                raise ApiError(500, "the engine returned no prompt_logprobs for a request that "
+                                                    "asked for them")
+                            entries = list(zip(echo.ids, scored[tag])) + entries
+                    elif not text and finish is None and (shape.prompt_only or not c.token_ids):
+                        continue
                     logprobs = None
-                    if c.logprobs is not None:
-                        logprobs = self._completion_logprobs(list(zip(c.token_ids, c.logprobs)),
-                                                             offsets.get(index, 0))
+                    if shape.logprobs is not None:
+                        logprobs = self._completion_logprobs(entries, shape.logprobs, offsets.get(index, 0))
                         offsets[index] = offsets.get(index, 0) + sum(map(len, logprobs.tokens))
-                    yield chunk([p.CompletionChoice(index=index, text=c.text, logprobs=logprobs,
-                                                    finish_reason=c.finish_reason, stop_reason=c.stop_reason)])
+                    yield chunk([p.CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                                    finish_reason=finish, stop_reason=stop)])
             if include_usage:
                 usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
                 yield chunk([], usage)

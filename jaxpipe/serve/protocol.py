@@ -1,12 +1,13 @@
 """OpenAI's request and response bodies (with vLLM's extra sampling fields) as pydantic models.
 
 Requests refuse fields they do not know (``extra="forbid"``), as OpenAI does: a misspelt ``max_token``
-is a 400 naming it rather than silently ignored. Fields that OpenAI defines but jaxpipe cannot honour yet
-are declared, so that the server can refuse them by name with a reason (``echo``, ``suffix``, ...).
+is a 400 naming it rather than silently ignored. Fields that OpenAI defines but jaxpipe cannot honour
+are declared, so that the server can refuse them by name with a reason (``suffix``, ...).
 
-Prompt scoring (issue 16) extends these models in place: ``CompletionRequest.echo`` and
-``prompt_logprobs`` are already fields, ``CompletionLogProbs`` takes ``None`` entries (the first prompt
-token has no logprob) and ``CompletionChoice.prompt_logprobs`` holds vLLM's per-prompt-token dicts.
+Prompt scoring: ``CompletionRequest.echo`` with ``logprobs`` gives the prompt tokens' logprobs in
+``CompletionLogProbs`` (``None`` for the first prompt token, which nothing precedes), and vLLM's
+``prompt_logprobs`` field gives ``CompletionChoice.prompt_logprobs``, one ``{token_id: Logprob}`` per
+prompt token.
 """
 
 from __future__ import annotations
@@ -58,10 +59,10 @@ class CompletionRequest(_SamplingFields):
     """POST /v1/completions. ``prompt``: a string, a list of strings, token ids or lists of token ids."""
 
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
-    max_tokens: int | None = 16  # OpenAI's default; None = until the context is full
-    logprobs: int | None = None  # top logprobs per generated token (0 = the sampled token's only)
-    echo: bool = False  # the prompt in front of the completion (issue 16; refused for now)
-    prompt_logprobs: int | None = None  # vLLM's extension (issue 16; refused for now)
+    max_tokens: int | None = 16  # OpenAI's default; None = until the context is full; 0 only with echo
+    logprobs: int | None = None  # top logprobs per token (0 = the token's own only); with echo, prompt too
+    echo: bool = False  # the prompt (and with logprobs, its tokens' logprobs) in front of the completion
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and the top k, per choice
     suffix: str | None = None  # refused: no fill-in-the-middle
     best_of: int | None = None  # only None or n
 
@@ -113,13 +114,22 @@ class CompletionLogProbs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class Logprob(BaseModel):
+    """vLLM's ``Logprob`` in ``prompt_logprobs``: rank 1 is the most likely token."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM's: the stop string or token id that ended it
-    # issue 16 adds vLLM's `prompt_logprobs: list[dict[int, Logprob] | None] | None` here
+    # vLLM's: per prompt token (None for the first) the token and the top `prompt_logprobs`, by token id
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 class CompletionResponse(BaseModel):
