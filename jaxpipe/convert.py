@@ -1,6 +1,10 @@
 """``jaxpipe convert SRC DST``: write a jaxpipe checkpoint directory (layout in ``jaxpipe.checkpoints.native``);
 ``jaxpipe verify DIR``: check every tensor of a checkpoint.
 
+``--quantization int8|fp8`` stores the decoder's matrices (``QUANTIZED_NAMES``) in 8 bits with their
+per-output-channel float32 scales, quantized from the source's stored values exactly as ``LLM(...,
+quantization=)`` quantizes them on load (``jaxpipe.quantize``), so loading the directory gives the same bits.
+
 DST is written into a temporary sibling directory and renamed into place at the end, so a failed or
 interrupted conversion never leaves a half-written DST behind. Layer files are written in parallel
 (``safetensors.numpy.save_file`` releases the GIL), each with its tensors' crc32 computed from the bytes
@@ -10,6 +14,7 @@ written.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import secrets
@@ -25,9 +30,10 @@ from safetensors.numpy import save_file
 
 from jaxpipe import dtypes
 from jaxpipe.checkpoints import (
-    GLOBALS_FILE, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, CheckpointReader, Key, checksum, key_name,
-    layer_file, open_checkpoint, split_key)
+    GLOBALS_FILE, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, QUANTIZED_NAMES, CheckpointReader, Key,
+    checksum, expected_tensors, key_name, layer_file, open_checkpoint, scale_name, split_key)
 from jaxpipe.errors import CheckpointError
+from jaxpipe.quantize import QUANT_KINDS, quant_dtype, quantize_host
 
 DTYPE_CHOICES = dtypes.RUN_DTYPES
 # Files being converted at once hold their tensors in memory: at most this many bytes of them.
@@ -36,20 +42,29 @@ _HOST_BYTES = 8 << 30
 
 def convert_checkpoint(src: str | os.PathLike | CheckpointReader, dst: str | os.PathLike,
                        dtype: str | None = None, force: bool = False, progress: bool = True,
-                       workers: int | None = None) -> str:
+                       workers: int | None = None, quantization: str | None = None) -> str:
     """Convert an HF directory, GGUF file or jaxpipe directory at ``src`` (or an already opened
     ``CheckpointReader``) into a jaxpipe directory.
 
     ``dtype`` is None (the default) to keep each tensor's stored dtype (float32 for a dequantized GGUF), or
-    "float32", "bfloat16", "float16". An existing ``dst`` is refused unless ``force``, in which case it is
-    replaced only once the new one is complete. ``workers`` threads write layer files (default: one per CPU,
-    at most 16). Returns the absolute path of ``dst``.
+    "float32", "bfloat16", "float16". ``quantization`` ("int8", "fp8"): the decoder matrices are written in
+    8 bits with per-output-channel scales, quantized from the stored values (``dtype`` applies to the other
+    tensors); a quantized source keeps its kind (None or the same kind; another kind is refused). An existing
+    ``dst`` is refused unless ``force``, in which case it is replaced only once the new one is complete.
+    ``workers`` threads write layer files (default: one per CPU, at most 16). Returns the absolute path of
+    ``dst``.
     """
     if dtype is not None and dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)} or None (keep), got {dtype!r}")
+    if quantization is not None and quantization not in QUANT_KINDS:
+        raise ValueError(f"quantization must be one of {list(QUANT_KINDS)} or None, got {quantization!r}")
     target = None if dtype is None else dtypes.run_dtype(dtype)
     # Opening validates the whole source before anything is written.
     reader = src if isinstance(src, CheckpointReader) else open_checkpoint(src)
+    if reader.quantization is not None and quantization not in (None, reader.quantization):
+        raise CheckpointError(f"{reader.path} holds {reader.quantization} weights already; quantizing them again "
+                              f"as {quantization} would compound the errors: convert the original float "
+                              "checkpoint instead")
     dst = os.path.abspath(os.fspath(dst))
     if os.path.realpath(dst) == os.path.realpath(reader.path):
         raise CheckpointError(f"{dst}: destination is the source checkpoint; choose another directory")
@@ -59,7 +74,8 @@ def convert_checkpoint(src: str | os.PathLike | CheckpointReader, dst: str | os.
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
     try:
-        _write_jaxpipe_dir(reader, tmp, target, progress, workers)
+        _write_jaxpipe_dir(reader, tmp, target, progress, workers,
+                           quantization if reader.quantization is None else None)
         _move_into_place(tmp, dst)
     except BaseException:  # includes KeyboardInterrupt: never leave the temp dir behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -68,40 +84,65 @@ def convert_checkpoint(src: str | os.PathLike | CheckpointReader, dst: str | os.
 
 
 def _write_jaxpipe_dir(reader: CheckpointReader, out: str, target: np.dtype | None, progress: bool,
-                       workers: int | None) -> None:
+                       workers: int | None, quantize: str | None = None) -> None:
+    """``quantize``: the kind to quantize a float source's matrices into (None: write tensors as they are,
+    a quantized source's 8-bit values and scales included)."""
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(reader.config.to_hf_dict(), f, indent=2)
+    kind = quantize or reader.quantization  # of the written directory
 
     # Group the tensors by destination file: the globals first, then one file per layer.
-    groups: dict[str, list[Key]] = {}
+    groups: dict[str, list[Key]] = {}   # the source tensors each file is made from
     out_dtype: dict[Key, np.dtype] = {}
+    file_bytes: collections.Counter = collections.Counter()
+    shapes = expected_tensors(reader.config, kind)  # of the written tensors
     for key in reader.tensor_names():
         name, layer = split_key(key)
-        groups.setdefault(GLOBALS_FILE if layer is None else layer_file(layer), []).append(key)
-        out_dtype[key] = target if target is not None else reader.dtype(name, layer)
-    nbytes = {key: int(np.prod(reader.shape(*split_key(key)))) * dt.itemsize for key, dt in out_dtype.items()}
-    file_bytes = {f: sum(nbytes[k] for k in keys) for f, keys in groups.items()}
+        filename = GLOBALS_FILE if layer is None else layer_file(layer)
+        groups.setdefault(filename, []).append(key)
+        written = [key]
+        if kind is not None and (name in QUANTIZED_NAMES or name.endswith("_scale")):
+            # 8-bit values and float32 scales, never cast; a new matrix's scales are written beside it.
+            out_dtype[key] = quant_dtype(kind) if name in QUANTIZED_NAMES else np.dtype(np.float32)
+            if quantize is not None:
+                out_dtype[(scale_name(name), layer)] = np.dtype(np.float32)
+                written.append((scale_name(name), layer))
+        else:
+            out_dtype[key] = target if target is not None else reader.dtype(name, layer)
+        for k in written:
+            file_bytes[filename] += int(np.prod(shapes[k])) * out_dtype[k].itemsize
     # Each file in flight holds its tensors (twice while the dtype changes).
     n = max(1, min(workers or min(16, os.cpu_count() or 1), _HOST_BYTES // (2 * max(file_bytes.values()))))
 
     def write(filename: str) -> dict[str, dict]:
-        tensors, entries = {}, {}
+        arrays: dict[Key, np.ndarray] = {}
         for key in groups[filename]:
             name, layer = split_key(key)
-            dt = out_dtype[key]
-            # astype through ml_dtypes handles bfloat16 both ways with round-to-nearest-even.
-            arr = reader.read(name, layer).astype(dt, copy=False)
-            shape = reader.shape(name, layer)
+            if quantize is not None and name in QUANTIZED_NAMES:
+                # From the stored values (a view: quantized a block of rows at a time), as loading does.
+                arrays[key], arrays[(scale_name(name), layer)] = quantize_host(
+                    reader.read_slice(name, layer), quantize)
+            else:
+                # astype through ml_dtypes handles bfloat16 both ways with round-to-nearest-even.
+                arrays[key] = reader.read(name, layer).astype(out_dtype[key], copy=False)
+        tensors, entries = {}, {}
+        for key, arr in arrays.items():
+            name, layer = split_key(key)
+            dt, shape = out_dtype[key], shapes[key]
             if arr.shape != shape or arr.dtype != dt:
                 raise CheckpointError(f"{reader.path}: tensor {key_name(key)} came out as {arr.dtype} "
                                       f"{list(arr.shape)}, expected {dt.name} {list(shape)}")
             tensors[key_name(key)] = arr
             entries[key_name(key)] = {"file": filename, "shape": list(shape), "dtype": dt.name,
                                       "crc32": checksum(arr)}
+            if kind is not None and name in QUANTIZED_NAMES:
+                entries[key_name(key)]["scale"] = key_name((scale_name(name), layer))
         save_file(tensors, os.path.join(out, filename))
         return entries
 
-    what = target.name if target is not None else reader.dtype("wq", 0).name
+    what = target.name if target is not None else reader.dtype("embed").name
+    if kind is not None:
+        what = f"{kind} (other tensors {what})"
     bar = _bar(sum(file_bytes.values()), f"converting {os.path.basename(reader.path.rstrip(os.sep))} to {what}",
                progress)
 
@@ -131,10 +172,12 @@ def _write_jaxpipe_dir(reader: CheckpointReader, out: str, target: np.dtype | No
     if missing:
         warnings.warn(f"{reader.path} has no tokenizer, so the converted checkpoint will have none: {missing}")
 
-    ordered = {key_name(k): entries[key_name(k)] for k in reader.tensor_names()}
+    ordered = {key_name(k): entries[key_name(k)] for k in shapes}
     written = {e["dtype"] for e in ordered.values()}
     manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
                 "dtype": written.pop() if len(written) == 1 else "mixed", "tensors": ordered}
+    if kind is not None:
+        manifest["quantization"] = kind
     # The manifest goes last: a directory with a manifest is a complete one.
     with open(os.path.join(out, MANIFEST_FILE), "w") as f:
         json.dump(manifest, f, indent=1)
@@ -205,6 +248,10 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="dtype of the written weights (default: keep, each tensor's stored dtype; a GGUF "
                              "file is dequantized to float32). On a CPU, bfloat16 weights decode about 2x "
                              "slower than float32")
+    parser.add_argument("--quantization", choices=QUANT_KINDS, default=None,
+                        help="store the decoder's linear layers in 8 bits (int8, or fp8 e4m3) with one float32 "
+                             "scale per output channel; embeddings, norms and the lm_head keep --dtype. Loading "
+                             "DST then needs no flag (default: no quantization)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -214,7 +261,8 @@ def run_convert(args: argparse.Namespace) -> int:
     """Run the convert command from parsed arguments; returns the exit status. Errors (``JaxpipeError``)
     propagate so the caller decides how to report them."""
     dst = convert_checkpoint(args.src, args.dst, dtype=None if args.dtype == "keep" else args.dtype,
-                             force=args.force, progress=not args.quiet)
+                             force=args.force, progress=not args.quiet,
+                             quantization=args.quantization)
     if not args.quiet:
         print(f"wrote {dst}")
     return 0

@@ -29,6 +29,7 @@ from jaxpipe.kernels.decode_attention import IMPLS as ATTENTION_IMPLS, default_i
 from jaxpipe.loading import load_params
 from jaxpipe.outputs import RequestOutput
 from jaxpipe.pipeline import PipelineModel
+from jaxpipe.quantize import QUANT_KINDS
 from jaxpipe.sampling import RequestOutputKind, SamplingParams
 from jaxpipe.scheduler import LLMEngine
 
@@ -98,6 +99,11 @@ class LLM:
         tokenizer: a directory with tokenizer files, if not the model's own.
         tokenizer_mode: "auto" or "hf" (transformers' fast tokenizer), "slow".
         dtype: "auto" (the checkpoint's dtype; float32 for GGUF), "float32", "bfloat16" or "float16".
+        quantization: None, "int8" or "fp8" (e4m3): the decoder's linear layers (q|k|v, o, gate|up, down)
+            in 8 bits with one float32 scale per output channel (symmetric), quantized on load from a float
+            checkpoint; embeddings, norms, the lm_head and the KV cache stay in ``dtype``. A directory
+            written by ``jaxpipe convert --quantization`` is quantized already (None takes its kind; another
+            kind is an error). See the README's "Quantization" for speed and accuracy.
         max_model_len: longest sequence (prompt + generated) allowed; default the model's
             ``max_position_embeddings``. Every slot's KV cache holds this many positions.
         max_num_seqs: slots, i.e. sequences decoded together (rounded up to a multiple of the
@@ -126,7 +132,7 @@ class LLM:
             process. Progress bars show on process 0 only.
 
     vLLM's other arguments are accepted: those that change nothing here are listed in the README;
-    ``trust_remote_code`` is accepted (Llama needs no remote code); LoRA, quantization other than None,
+    ``trust_remote_code`` is accepted (Llama needs no remote code); LoRA, quantization other than int8/fp8,
     CPU offload, a KV-cache dtype other than "auto" and hub revisions are refused.
     """
 
@@ -147,8 +153,9 @@ class LLM:
         unknown = sorted(set(vllm_kwargs) - set(_NO_OP_ARGS))
         if unknown:
             raise TypeError(f"LLM() got unexpected keyword argument(s) {unknown}")
-        _refuse(quantization is not None, "quantization", quantization,
-                "jaxpipe runs weights in `dtype` (GGUF files are dequantized); pass quantization=None")
+        if quantization is not None and quantization not in QUANT_KINDS:
+            raise UsageError(f"quantization={quantization!r} is not supported: use None, "
+                             f"{' or '.join(repr(k) for k in QUANT_KINDS)} (8-bit weights, per-channel scales)")
         _refuse(revision is not None, "revision", revision, "jaxpipe loads local checkpoints only; pass a path")
         _refuse(bool(cpu_offload_gb), "cpu_offload_gb", cpu_offload_gb, "weights stay on the devices")
         _refuse(kv_cache_dtype != "auto", "kv_cache_dtype", kv_cache_dtype, "the KV cache is kept in `dtype`")
@@ -191,7 +198,7 @@ class LLM:
                 "num_microbatches": num_microbatches, "max_num_seqs": max_num_seqs,
                 "steps_per_dispatch": steps_per_dispatch, "load_format": load_format,
                 "max_num_batched_tokens": max_num_batched_tokens, "attention": attention,
-                "gpu_memory_utilization": gpu_memory_utilization})
+                "gpu_memory_utilization": gpu_memory_utilization, "quantization": quantization})
             progress = progress and distributed.is_coordinator()
 
         self.load_format = load_format
@@ -202,7 +209,14 @@ class LLM:
             path = default_model_path(progress) if model is None else os.fspath(model)
             self.reader = open_checkpoint(path)  # validates files, names and shapes
             cfg = self.reader.config
+            stored = self.reader.quantization
+            if stored is not None and quantization not in (None, stored):
+                raise UsageError(f"quantization={quantization!r}, but {path} holds {stored} weights (written by "
+                                 f"jaxpipe convert --quantization {stored}): pass quantization=None or {stored!r}, "
+                                 f"or load the original float checkpoint with quantization={quantization!r}")
+            quantization = quantization or stored
         self.cfg, self.model_path = cfg, path
+        self.quantization = quantization
         if max_model_len is None:
             max_model_len = cfg.max_position_embeddings
         if not isinstance(max_model_len, int) or isinstance(max_model_len, bool) or max_model_len < 2:
@@ -234,7 +248,7 @@ class LLM:
         self.max_num_seqs = self._choose_slots(max_num_seqs, M, budget, local.platform)
 
         self.tokenizer = self._load_tokenizer(tokenizer, tokenizer_mode)
-        self.model = PipelineModel(cfg, self.layout, self.mesh, self.dtype)
+        self.model = PipelineModel(cfg, self.layout, self.mesh, self.dtype, quantization=self.quantization)
         if self.reader is None:
             self.params = self.model.random_params(seed)
         else:
@@ -269,7 +283,7 @@ class LLM:
         """The number of slots: as asked (it must fit), or the default lowered to what fits."""
         def plan(slots: int):
             return partition.plan_memory(self.cfg, self.layout, dtype=self.dtype, max_model_len=self.max_model_len,
-                                         batch=slots, device_bytes=budget)
+                                         batch=slots, device_bytes=budget, quantization=self.quantization)
 
         if asked is not None:
             slots = partition.ceil_div(asked, M) * M
@@ -289,7 +303,7 @@ class LLM:
         lens = [n for n in (2 ** k for k in range(4, 20)) if n < self.max_model_len]
         fits_len = max((n for n in lens if partition.plan_memory(
             self.cfg, self.layout, dtype=self.dtype, max_model_len=n, batch=slots,
-            device_bytes=plan(slots).device_bytes).fits), default=0)
+            device_bytes=plan(slots).device_bytes, quantization=self.quantization).fits), default=0)
         hint = []
         if fits_slots:
             hint.append(f"max_num_seqs={fits_slots}")
@@ -305,7 +319,8 @@ class LLM:
             return np.dtype(_DTYPES[dtype]) if dtype != "bfloat16" else jax.numpy.bfloat16
         if self.reader is None:
             return jax.numpy.bfloat16
-        stored = np.dtype(self.reader.dtype("wq", 0))
+        # A quantized directory's matrices are 8-bit: its embedding says what it was converted in.
+        stored = np.dtype(self.reader.dtype("embed") if self.reader.quantization else self.reader.dtype("wq", 0))
         if stored == np.float16:
             return np.dtype(np.float16)
         if stored.name == "bfloat16":

@@ -10,7 +10,15 @@ The layout knowledge lives here and nowhere else:
 - fused ``wqkv`` = ``wq|wk|wv`` and ``w_gate_up`` = ``w_gate|w_up`` (biases likewise), columns grouped shard
   by shard (``[q_0 k_0 v_0 | q_1 k_1 v_1 ...]``), so a tensor shard is made of one column block of each part;
 - KV heads replicated when there are fewer than tensor shards (``PipelineModel.kv_sources``);
-- ``embed``/``lm_head`` rows past the vocabulary (padding) are zeros.
+- ``embed``/``lm_head`` rows past the vocabulary (padding) are zeros;
+- quantized models (``PipelineModel.quantization``): from a float checkpoint, each block of an 8-bit matrix
+  is quantized as it is copied (``quantize_into``, a block of rows at a time: no float32 copy of a whole
+  stack), with the float32 scales of its whole columns over all of K, computed once per checkpoint tensor
+  (``column_amax``); a block of a column-split matrix (q|k|v, gate|up) thus holds exactly the columns of
+  quantizing the whole matrix, and a block of a row-split one (o, down) its rows (so every process reads
+  all rows of those: the scales need them). The scale parameters are made from the same per-tensor scales.
+  From a quantized jaxpipe directory, values and scales are copied as they are (the same bits: ``jaxpipe
+  convert --quantization`` quantizes the same way).
 
 Reading: per checkpoint tensor, the bounding block of every piece this process needs is read once
 (``reader.read_slice``: a view of the memory-mapped file for safetensors formats; checksums are checked there
@@ -33,17 +41,19 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from jaxpipe import dtypes
-from jaxpipe.checkpoints import VOCAB_NAMES, CheckpointReader, copy_into
+from jaxpipe.checkpoints import VOCAB_NAMES, CheckpointReader, copy_into, scale_name
 from jaxpipe.config import LlamaConfig
 from jaxpipe.errors import CheckpointError
+from jaxpipe.model import QUANTIZED_PARAMS
 from jaxpipe.pipeline import PipelineModel, flatten_paths, map_paths
+from jaxpipe.quantize import column_amax, quantize_into, scale_from_amax
 
 # Model parameters made of several checkpoint tensors: their columns are concatenated shard by shard
 # (see DecoderLayers), so each tensor shard's slice holds its own q, k, v (gate, up) columns.
 FUSED = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"),
          "w_gate_up": ("w_gate", "w_up"), "b_gate_up": ("b_gate", "b_up")}
-_KV_NAMES = ("wk", "wv", "bk", "bv")
+_KV_NAMES = ("wk", "wv", "bk", "bv", "wk_scale", "wv_scale")
+_SCALE_SUFFIX = "_scale"
 # A host block larger than this is filled by several tasks (row chunks), so one big tensor is copied by
 # several threads.
 _TASK_BYTES = 64 << 20
@@ -52,13 +62,21 @@ _TASK_BYTES = 64 << 20
 @dataclasses.dataclass(frozen=True)
 class Piece:
     """``block[dst] = checkpoint_tensor(name, layer)[src]``, keeping columns ``cols`` (relative to ``src``'s
-    last slice) when set: a gather for replicated KV heads."""
+    last slice) when set: a gather for replicated KV heads.
+
+    ``quantize`` ("int8" / "fp8"), quantizing a float matrix on load: with ``op="quantize"`` the block gets
+    the 8-bit values of ``src``, with ``op="scale"`` the float32 scales of ``src``'s columns (then ``src``
+    spans all rows); both use the scales of the whole columns, so the region read for the tensor spans all
+    rows (``full_rows``)."""
 
     name: str
     layer: int | None
     src: tuple[slice, ...]
     dst: tuple[slice, ...]
     cols: np.ndarray | None = None
+    op: str | None = None
+    quantize: str | None = None
+    full_rows: int | None = None
 
     @property
     def key(self) -> tuple[str, int | None]:
@@ -75,6 +93,7 @@ class Block:
     shape: tuple[int, ...]
     devices: list[Any]
     tasks: list[list[Piece]]
+    dtype: np.dtype = dataclasses.field(default_factory=lambda: np.dtype(np.float32))
 
 
 def plan_blocks(reader: CheckpointReader, model: PipelineModel,
@@ -86,6 +105,7 @@ def plan_blocks(reader: CheckpointReader, model: PipelineModel,
     """
     cfg, layout = model.cfg, model.layout
     kv_cols = None if len(model.kv_sources) == cfg.num_kv_heads else _kv_columns(cfg, model.kv_sources)
+    on_load = _quantize_on_load(reader, model)
     wanted = None if devices is None else set(devices)
     blocks: list[Block] = []
     for path, abstract in flatten_paths(model.abstract_params).items():
@@ -98,11 +118,23 @@ def plan_blocks(reader: CheckpointReader, model: PipelineModel,
         for bounds, devs in by_index.items():
             block_shape = tuple(b - a for a, b in bounds)
             if path.startswith("layers."):
-                tasks = _layer_tasks(reader, layout, kv_cols, path.split(".", 1)[1], bounds, shape)
+                tasks = _layer_tasks(reader, layout, kv_cols, path.split(".", 1)[1], bounds, shape, on_load)
             else:
                 tasks = _global_tasks(reader, cfg, path, bounds, block_shape, model.dtype)
-            blocks.append(Block(path, bounds, block_shape, devs, tasks))
+            blocks.append(Block(path, bounds, block_shape, devs, tasks, np.dtype(abstract.dtype)))
     return blocks
+
+
+def _quantize_on_load(reader: CheckpointReader, model: PipelineModel) -> str | None:
+    """The kind to quantize float checkpoint matrices into on load, or None (the model is not quantized,
+    or the checkpoint already is, in the same kind); a quantized checkpoint for another kind is refused."""
+    stored, wanted = reader.quantization, model.quantization
+    if stored is not None and stored != wanted:
+        fix = (f"pass quantization={stored!r} (or None: the checkpoint's own)" if wanted is not None else
+               f"build the model with quantization={stored!r}")
+        raise CheckpointError(f"{reader.path} holds {stored} weights but the model is "
+                              f"{wanted or 'not quantized'}: {fix}, or load the original float checkpoint")
+    return wanted if stored is None else None
 
 
 def _kv_columns(cfg: LlamaConfig, sources: list[int]) -> np.ndarray:
@@ -111,12 +143,22 @@ def _kv_columns(cfg: LlamaConfig, sources: list[int]) -> np.ndarray:
     return np.concatenate([np.arange(h * d, (h + 1) * d) for h in sources])
 
 
-def _layer_tasks(reader, layout, kv_cols, name: str, bounds, shape) -> list[list[Piece]]:
-    """One task per real layer slot of the block: the pieces of that layer."""
-    parts = FUSED.get(name, (name,))
+def _layer_tasks(reader, layout, kv_cols, name: str, bounds, shape,
+                 on_load: str | None = None) -> list[list[Piece]]:
+    """One task per real layer slot of the block: the pieces of that layer. ``on_load``: the kind float
+    matrices (and the scale parameters) are quantized into while they are copied."""
+    is_scale = name.endswith(_SCALE_SUFFIX) and name[:-len(_SCALE_SUFFIX)] in QUANTIZED_PARAMS
+    matrix = name[:-len(_SCALE_SUFFIX)] if is_scale else name
+    parts = FUSED.get(matrix, (matrix,))
+    op = None
+    if on_load is not None and (is_scale or name in QUANTIZED_PARAMS):
+        op = "scale" if is_scale else "quantize"  # from the float matrices
+    elif is_scale:
+        parts = tuple(scale_name(p) for p in parts)  # stored scales of a quantized checkpoint
     try:
         widths = [len(kv_cols) if kv_cols is not None and p in _KV_NAMES else reader.shape(p, 0)[-1]
                   for p in parts]
+        rows = [reader.shape(p, 0)[0] for p in parts] if op is not None else None
     except CheckpointError as e:
         raise CheckpointError(f"model parameter layers.{name} has no checkpoint tensor: {e}") from None
     if sum(widths) != shape[-1]:
@@ -125,7 +167,7 @@ def _layer_tasks(reader, layout, kv_cols, name: str, bounds, shape) -> list[list
     (s0, s1), mid, (lo, hi) = bounds[0], bounds[1:-1], bounds[-1]
     mid_src = tuple(slice(a, b) for a, b in mid)
     mid_dst = (slice(None),) * len(mid)
-    segments = _column_segments(widths, layout.tensor_parallel if name in FUSED else 1, lo, hi)
+    segments = _column_segments(widths, layout.tensor_parallel if matrix in FUSED else 1, lo, hi)
     tasks = []
     for j, slot in enumerate(range(s0, s1)):
         _, layer = layout.stage_of_slot(slot)
@@ -141,8 +183,9 @@ def _layer_tasks(reader, layout, kv_cols, name: str, bounds, shape) -> list[list
                 src_cols = slice(c0, c1)
                 if not np.array_equal(wanted, np.arange(c0, c1)):
                     cols = wanted - c0
-            pieces.append(Piece(parts[part], layer, mid_src + (src_cols,),
-                                (j,) + mid_dst + (slice(out, out + b - a),), cols))
+            src = (slice(0, rows[part]), src_cols) if op == "scale" else mid_src + (src_cols,)
+            pieces.append(Piece(parts[part], layer, src, (j,) + mid_dst + (slice(out, out + b - a),), cols,
+                                op=op, quantize=on_load if op else None, full_rows=rows[part] if op else None))
         tasks.append(pieces)
     return tasks
 
@@ -185,39 +228,57 @@ def read_bounds(blocks: list[Block]) -> dict[tuple[str, int | None], tuple[tuple
     for block in blocks:
         for task in block.tasks:
             for p in task:
-                box = boxes.setdefault(p.key, [[s.start, s.stop] for s in p.src])
-                for axis, s in enumerate(p.src):
+                # Quantizing needs the scales of whole columns: every row of the columns it touches.
+                src = p.src if p.full_rows is None else (slice(0, p.full_rows),) + p.src[1:]
+                box = boxes.setdefault(p.key, [[s.start, s.stop] for s in src])
+                for axis, s in enumerate(src):
                     box[axis][0], box[axis][1] = min(box[axis][0], s.start), max(box[axis][1], s.stop)
     return {k: tuple(tuple(b) for b in v) for k, v in boxes.items()}
 
 
 class _Regions:
     """Per checkpoint tensor, the bounding block of all pieces that need it (``read_bounds``), read once on
-    first use (under a lock) and dropped after its last piece is copied."""
+    first use (under a lock) and dropped after its last piece is copied; with it, for quantizing on load,
+    the scales of its columns (computed once, on first use)."""
 
     def __init__(self, reader: CheckpointReader, blocks: list[Block]):
         self.reader = reader
         self._bounds = read_bounds(blocks)
         self._users = collections.Counter(p.key for b in blocks for task in b.tasks for p in task)
         self._data: dict[tuple, np.ndarray] = {}
+        self._scales: dict[tuple, np.ndarray] = {}
         self._locks = {key: threading.Lock() for key in self._bounds}
 
     def copy(self, block: np.ndarray, piece: Piece) -> None:
         key = piece.key
+        box = self._bounds[key]
         with self._locks[key]:
             region = self._data.get(key)
             if region is None:
-                region = self.reader.read_slice(key[0], key[1], tuple(slice(a, b) for a, b in self._bounds[key]))
+                region = self.reader.read_slice(key[0], key[1], tuple(slice(a, b) for a, b in box))
                 self._data[key] = region
-        box = self._bounds[key]
-        src = region[tuple(slice(s.start - b[0], s.stop - b[0]) for s, b in zip(piece.src, box))]
-        if piece.cols is not None:
-            src = src[..., piece.cols]
-        copy_into(block[piece.dst], src)
+            if piece.op is not None and key not in self._scales:
+                # The region spans every row of its columns: these are the whole columns' scales.
+                self._scales[key] = scale_from_amax(column_amax(region), piece.quantize)
+        rel = tuple(slice(s.start - b[0], s.stop - b[0]) for s, b in zip(piece.src, box))
+        if piece.op is None:
+            src = region[rel]
+            copy_into(block[piece.dst], src if piece.cols is None else src[..., piece.cols])
+        else:
+            scale = self._scales[key][rel[-1]]
+            if piece.cols is not None:
+                scale = scale[piece.cols]
+            if piece.op == "scale":
+                block[piece.dst] = scale
+            else:
+                src = region[rel]
+                quantize_into(block[piece.dst], src if piece.cols is None else src[..., piece.cols], scale,
+                              piece.quantize)
         with self._locks[key]:
             self._users[key] -= 1
             if self._users[key] == 0:
                 del self._data[key]
+                self._scales.pop(key, None)
 
 
 @dataclasses.dataclass
@@ -248,10 +309,9 @@ def load_params(reader: CheckpointReader, model: PipelineModel, *,
     clock = time.perf_counter
     t_start = clock()
     times = collections.Counter()
-    run_dtype = dtypes.np_dtype(model.dtype)
     blocks = plan_blocks(reader, model)
     regions = _Regions(reader, blocks)
-    sizes = [int(np.prod(b.shape)) * run_dtype.itemsize for b in blocks]
+    sizes = [int(np.prod(b.shape)) * b.dtype.itemsize for b in blocks]
     total = sum(sizes)  # bytes this process builds on the host
     budget = host_bytes or max(4 << 30, 2 * max(sizes, default=0))
     bar = _bar(total) if progress is True else None
@@ -319,7 +379,7 @@ def load_params(reader: CheckpointReader, model: PipelineModel, *,
         for block, size in zip(blocks, sizes):
             while inflight and inflight_bytes + size > budget:
                 retire()
-            host = _zeros(block.shape, run_dtype)  # zeros: padding slots and vocabulary rows stay zero
+            host = _zeros(block.shape, block.dtype)  # zeros: padding slots and vocabulary rows stay zero
             inflight.append(_InFlight(block, size, host, [pool.submit(run, host, task) for task in block.tasks]))
             inflight_bytes += size
             # Hand finished blocks to their devices now, so transfers overlap the copies still running.

@@ -19,6 +19,8 @@ from flax import nnx
 
 from jaxpipe.config import LlamaConfig
 from jaxpipe.kernels.decode_attention import MASK_VALUE, decode_attention, decode_attention_rows
+from jaxpipe.kernels.quant_matmul import layer_matmul
+from jaxpipe.quantize import check_kind, random_quantized
 
 STAGE_AXIS = "stage"
 TENSOR_AXIS = "tensor"
@@ -98,14 +100,21 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) ->
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+# The decoder matrices that ``quantization`` stores in 8 bits, each with a float32 ``<name>_scale [L, out]``
+# (per output channel). Norms, biases, the embedding and the lm_head stay in the run dtype.
+QUANTIZED_PARAMS = ("wqkv", "wo", "w_gate_up", "w_down")
+
+
 class DecoderLayers(nnx.Module):
     """All decoder layers of a stage, each parameter stacked along a leading layer axis."""
 
     def __init__(self, cfg: LlamaConfig, num_layers: int, *, dtype=jnp.float32, rngs: nnx.Rngs,
-                 tensor_parallel: int = 1, kv_size: int | None = None) -> None:
-        """``kv_size``: width of the (possibly replicated) KV projection over all tensor shards."""
+                 tensor_parallel: int = 1, kv_size: int | None = None, quantization: str | None = None) -> None:
+        """``kv_size``: width of the (possibly replicated) KV projection over all tensor shards.
+        ``quantization``: None, or "int8" / "fp8" for 8-bit ``QUANTIZED_PARAMS`` with per-channel scales."""
         self.cfg = cfg
         self.tensor_parallel = tensor_parallel
+        self.quantization = None if quantization is None else check_kind(quantization)
         h, n = cfg.hidden_size, num_layers
         q = cfg.q_size
         kv = kv_size or cfg.kv_size
@@ -114,11 +123,11 @@ class DecoderLayers(nnx.Module):
         # so that each tensor shard's columns are contiguous. One matmul instead of three (two) per layer,
         # and no weight concatenation at run time: XLA's dot merger would otherwise copy wk|wv every step.
         self.attn_norm = nnx.Param(jnp.ones((n, h), dtype))
-        self.wqkv = nnx.Param(_normal(rngs, (n, h, q + 2 * kv), dtype))
-        self.wo = nnx.Param(_normal(rngs, (n, q, h), dtype))
+        self._matrix("wqkv", (n, h, q + 2 * kv), dtype, rngs)
+        self._matrix("wo", (n, q, h), dtype, rngs)
         self.mlp_norm = nnx.Param(jnp.ones((n, h), dtype))
-        self.w_gate_up = nnx.Param(_normal(rngs, (n, h, 2 * i), dtype))
-        self.w_down = nnx.Param(_normal(rngs, (n, i, h), dtype))
+        self._matrix("w_gate_up", (n, h, 2 * i), dtype, rngs)
+        self._matrix("w_down", (n, i, h), dtype, rngs)
         if cfg.attention_bias:
             self.bqkv = nnx.Param(jnp.zeros((n, q + 2 * kv), dtype))
             self.bo = nnx.Param(jnp.zeros((n, h), dtype))
@@ -126,14 +135,29 @@ class DecoderLayers(nnx.Module):
             self.b_gate_up = nnx.Param(jnp.zeros((n, 2 * i), dtype))
             self.b_down = nnx.Param(jnp.zeros((n, h), dtype))
 
+    def _matrix(self, name: str, shape: tuple[int, ...], dtype, rngs: nnx.Rngs) -> None:
+        """A stacked matrix ``[L, in, out]``: normal(0, 0.02) in ``dtype``, or random 8-bit values with
+        their ``<name>_scale [L, out]`` when quantized (real values come from loading)."""
+        if self.quantization is None:
+            setattr(self, name, nnx.Param(_normal(rngs, shape, dtype)))
+        else:
+            w, scale = random_quantized(rngs.params(), shape, self.quantization)
+            setattr(self, name, nnx.Param(w))
+            setattr(self, name + "_scale", nnx.Param(scale))
+
     def _layer(self, i, x, cache: KVCache, step: StepInputs, cos, sin, tensor_axis, attention: str):
         cfg = self.cfg
         d = cfg.head_dim
         b, t, _ = x.shape
         p = lambda name: getattr(self, name)[...][i]  # noqa: E731  (this layer's slice of a stacked param)
 
+        def matmul(h, name):
+            # The whole stack and the layer index go to layer_matmul: its kernel reads w[i] (8-bit) in place.
+            scale = getattr(self, name + "_scale")[...] if self.quantization else None
+            return layer_matmul(h, getattr(self, name)[...], scale, i)
+
         h = rms_norm(x, p("attn_norm"), cfg.rms_norm_eps)
-        qkv = _dot(h, p("wqkv"))
+        qkv = matmul(h, "wqkv")
         if cfg.attention_bias:
             qkv = qkv + p("bqkv")
         q_width = cfg.q_size // self.tensor_parallel  # this shard's query columns
@@ -164,18 +188,18 @@ class DecoderLayers(nnx.Module):
             attn = attn.reshape(b, 1, -1)
         else:
             attn = _prefill_attention(q.reshape(b, t, n_kv, group, d), cache, i, step)
-        out = _dot(attn, p("wo"))
+        out = matmul(attn, "wo")
         out = jax.lax.psum(out, tensor_axis) if tensor_axis else out
         if cfg.attention_bias:
             out = out + p("bo")
         x = x + out
 
         h = rms_norm(x, p("mlp_norm"), cfg.rms_norm_eps)
-        gate_up = _dot(h, p("w_gate_up"))
+        gate_up = matmul(h, "w_gate_up")
         if cfg.mlp_bias:
             gate_up = gate_up + p("b_gate_up")
         gate, up = jnp.split(gate_up, 2, axis=-1)
-        out = _dot(jax.nn.silu(gate) * up, p("w_down"))
+        out = matmul(jax.nn.silu(gate) * up, "w_down")
         out = jax.lax.psum(out, tensor_axis) if tensor_axis else out
         if cfg.mlp_bias:
             out = out + p("b_down")
@@ -223,11 +247,12 @@ class Llama(nnx.Module):
     """
 
     def __init__(self, cfg: LlamaConfig, *, num_layers: int, vocab_rows: int, dtype=jnp.float32,
-                 rngs: nnx.Rngs, tensor_parallel: int = 1, kv_size: int | None = None) -> None:
+                 rngs: nnx.Rngs, tensor_parallel: int = 1, kv_size: int | None = None,
+                 quantization: str | None = None) -> None:
         self.cfg = cfg
         self.embed = nnx.Param(_normal(rngs, (vocab_rows, cfg.hidden_size), dtype))
         self.layers = DecoderLayers(cfg, num_layers, dtype=dtype, rngs=rngs, tensor_parallel=tensor_parallel,
-                                    kv_size=kv_size)
+                                    kv_size=kv_size, quantization=quantization)
         self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), dtype))
         if not cfg.tie_word_embeddings:
             self.lm_head = nnx.Param(_normal(rngs, (vocab_rows, cfg.hidden_size), dtype))

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxpipe.config import LlamaConfig
 from jaxpipe.errors import LayoutError, MemoryPlanError
 from jaxpipe.model import STAGE_AXIS, TENSOR_AXIS, VOCAB_AXES
+from jaxpipe.quantize import quant_dtype
 
 # The table: one PartitionSpec per parameter (names as in docs/DESIGN.md) and for the KV cache.
 PARAM_SPECS: dict[str, P] = {
@@ -49,6 +50,12 @@ PARAM_SPECS: dict[str, P] = {
     "layers.b_gate_up": P(STAGE_AXIS, TENSOR_AXIS),
     "layers.w_down": P(STAGE_AXIS, TENSOR_AXIS, None),
     "layers.b_down": P(STAGE_AXIS, None),
+    # Per-output-channel scales of 8-bit weights (``quantization``), split like their weight's columns:
+    # column-split weights' scales go with their columns; row-split ones (o, down) need every shard's copy.
+    "layers.wqkv_scale": P(STAGE_AXIS, TENSOR_AXIS),
+    "layers.wo_scale": P(STAGE_AXIS, None),
+    "layers.w_gate_up_scale": P(STAGE_AXIS, TENSOR_AXIS),
+    "layers.w_down_scale": P(STAGE_AXIS, None),
 }
 CACHE_SPEC = P(STAGE_AXIS, None, TENSOR_AXIS, None, None)
 REPLICATED = P()
@@ -261,8 +268,11 @@ def dtype_bytes(dtype) -> int:
 
 
 def plan_memory(cfg: LlamaConfig, layout: Layout, *, dtype, max_model_len: int, batch: int,
-                device_bytes: int | None) -> MemoryPlan:
-    """Bytes per device for weights, KV cache and workspace, per stage. Pure arithmetic: nothing loads."""
+                device_bytes: int | None, quantization: str | None = None) -> MemoryPlan:
+    """Bytes per device for weights, KV cache and workspace, per stage. Pure arithmetic: nothing loads.
+
+    ``quantization`` ("int8", "fp8"): the decoder matrices take 1 byte per weight plus 4 per scale column;
+    the embedding, lm_head, norms and the KV cache stay in ``dtype``."""
     nbytes = dtype_bytes(dtype)
     tp = layout.tensor_parallel
     n_dev = layout.num_devices
@@ -270,7 +280,7 @@ def plan_memory(cfg: LlamaConfig, layout: Layout, *, dtype, max_model_len: int, 
     ends = (vocab * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2) // n_dev + cfg.hidden_size) * nbytes
     kv_heads = kv_heads_per_shard(cfg, tp)
     kv_per_layer = 2 * batch * kv_heads * max_model_len * cfg.head_dim * nbytes
-    layer_bytes = _layer_bytes_per_shard(cfg, tp, nbytes)
+    layer_bytes = layer_bytes_per_shard(cfg, tp, nbytes, quantization)
     # Workspace: gathered float32 logits and sampling copies of them, plus a few activations.
     workspace = 4 * batch * vocab * 4 + 8 * batch * max(cfg.intermediate_size // tp, cfg.hidden_size) * nbytes
     slots = layout.slots_per_stage
@@ -283,16 +293,23 @@ def plan_memory(cfg: LlamaConfig, layout: Layout, *, dtype, max_model_len: int, 
                       max_model_len=max_model_len, batch=batch)
 
 
-def _layer_bytes_per_shard(cfg: LlamaConfig, tp: int, nbytes: int) -> int:
+def layer_bytes_per_shard(cfg: LlamaConfig, tp: int, nbytes: int, quantization: str | None = None) -> int:
+    """Bytes of one decoder layer on one tensor shard: matrices (1 byte per weight when quantized, with a
+    float32 scale per output column: column-split q|k|v and gate|up carry their own columns' scales, o and
+    down every column's) plus norms and biases in ``nbytes``."""
     h, i = cfg.hidden_size, cfg.intermediate_size
     kv = kv_heads_per_shard(cfg, tp) * cfg.head_dim
     q = cfg.q_size // tp
-    n = h * (q + 2 * kv) + q * h + 3 * h * (i // tp) + 2 * h
+    matrices = h * (q + 2 * kv) + q * h + 3 * h * (i // tp)
+    n = 2 * h
     if cfg.attention_bias:
         n += q + 2 * kv + h
     if cfg.mlp_bias:
         n += 2 * (i // tp) + h
-    return n * nbytes
+    if quantization is None:
+        return (matrices + n) * nbytes
+    scale_columns = (q + 2 * kv) + h + 2 * (i // tp) + h
+    return matrices * quant_dtype(quantization).itemsize + scale_columns * 4 + n * nbytes
 
 
 def device_memory_bytes(device: jax.Device) -> int | None:

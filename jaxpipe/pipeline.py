@@ -173,16 +173,20 @@ def _put_rows(a: jax.Array, first, new: jax.Array) -> jax.Array:
 class PipelineModel:
     """A Llama laid out over a mesh: abstract shapes, sharding table and the programs built from specs."""
 
-    def __init__(self, cfg: LlamaConfig, layout: Layout, mesh: Mesh, dtype, *, unroll: int | bool = 1):
+    def __init__(self, cfg: LlamaConfig, layout: Layout, mesh: Mesh, dtype, *, unroll: int | bool = 1,
+                 quantization: str | None = None):
+        """``quantization``: None (every weight in ``dtype``), or "int8" / "fp8": the decoder matrices in 8 bits
+        with per-output-channel float32 scales (``jaxpipe.quantize``; ``model.QUANTIZED_PARAMS``)."""
         _choose_partitioner(mesh)
         self.cfg, self.layout, self.mesh, self.dtype = cfg, layout, mesh, jnp.dtype(dtype)
         self.unroll = unroll
+        self.quantization = quantization
         self.vocab_padded = layout.padded_vocab(cfg.vocab_size)
         self.kv_sources = partition.kv_head_sources(cfg, layout.tensor_parallel)
         abstract = nnx.eval_shape(lambda: Llama(
             cfg, num_layers=layout.stages * layout.slots_per_stage, vocab_rows=self.vocab_padded,
             dtype=self.dtype, rngs=nnx.Rngs(0), tensor_parallel=layout.tensor_parallel,
-            kv_size=len(self.kv_sources) * cfg.head_dim))
+            kv_size=len(self.kv_sources) * cfg.head_dim, quantization=quantization))
         self.graphdef, self._abstract_state = nnx.split(abstract)
         self.abstract_params: dict = nnx.to_pure_dict(self._abstract_state)
         self.param_specs = map_paths(lambda path, _: partition.param_spec(path), self.abstract_params)
@@ -198,13 +202,14 @@ class PipelineModel:
         return nnx.merge(self.graphdef, state)
 
     def random_params(self, seed: int = 0) -> dict:
-        """Random weights at real shapes, each device generating only its own shard."""
+        """Random weights at real shapes, each device generating only its own shard (8-bit values and scales
+        when quantized)."""
         cfg, layout = self.cfg, self.layout
 
         def init(key):
             model = Llama(cfg, num_layers=layout.stages * layout.slots_per_stage, vocab_rows=self.vocab_padded,
                           dtype=self.dtype, rngs=nnx.Rngs(key), tensor_parallel=layout.tensor_parallel,
-                          kv_size=len(self.kv_sources) * cfg.head_dim)
+                          kv_size=len(self.kv_sources) * cfg.head_dim, quantization=self.quantization)
             return nnx.to_pure_dict(nnx.split(model)[1])
 
         return jax.jit(init, out_shardings=self.param_shardings)(jax.random.key(seed))

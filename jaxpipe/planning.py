@@ -234,11 +234,12 @@ def layout_candidates(cfg: LlamaConfig, devices: int) -> list[partition.Layout]:
 
 
 def read_bytes_per_tick(cfg: LlamaConfig, layout: partition.Layout, nbytes: int, rows: int,
-                        max_model_len: float) -> list[float]:
+                        max_model_len: float, quantization: str | None = None) -> list[float]:
     """Bytes one device of each stage reads per tick for a microbatch of ``rows`` rows whose KV cache
-    holds ``max_model_len`` positions (a mean context length works too)."""
+    holds ``max_model_len`` positions (a mean context length works too); ``quantization``: 8-bit decoder
+    matrices with their scales (``partition.layer_bytes_per_shard``)."""
     T = layout.tensor_parallel
-    layer_w = partition._layer_bytes_per_shard(cfg, T, nbytes)
+    layer_w = partition.layer_bytes_per_shard(cfg, T, nbytes, quantization)
     layer_kv = 2 * rows * partition.kv_heads_per_shard(cfg, T) * max_model_len * cfg.head_dim * nbytes
     head = layout.padded_vocab(cfg.vocab_size) * cfg.hidden_size * nbytes // layout.num_devices
     return [n * (layer_w + layer_kv) + head for n in layout.layer_counts]
@@ -251,13 +252,15 @@ def collectives_per_tick(layout: partition.Layout) -> int:
 
 
 def estimate(cfg: LlamaConfig, layout: partition.Layout, *, dtype, batch: int, max_model_len: int,
-             bandwidth_gbps: float, collective_us: float = COLLECTIVE_LATENCY_US) -> dict[str, float]:
+             bandwidth_gbps: float, collective_us: float = COLLECTIVE_LATENCY_US,
+             quantization: str | None = None) -> dict[str, float]:
     """Decode estimates of one layout at ``batch`` sequences (formulas in the module docstring)."""
     S = layout.stages
     M = min(S, batch)
     b = -(-batch // M)
     bw = bandwidth_gbps * 1e9
-    tick = max(read_bytes_per_tick(cfg, layout, partition.dtype_bytes(dtype), b, max_model_len)) / bw
+    nbytes = partition.dtype_bytes(dtype)
+    tick = max(read_bytes_per_tick(cfg, layout, nbytes, b, max_model_len, quantization)) / bw
     tick += collectives_per_tick(layout) * collective_us * 1e-6
     latency = S * tick
     return {"microbatches": M, "rows_per_microbatch": b, "tick_ms": tick * 1e3,
@@ -266,11 +269,11 @@ def estimate(cfg: LlamaConfig, layout: partition.Layout, *, dtype, batch: int, m
 
 
 def max_batch(cfg: LlamaConfig, layout: partition.Layout, *, dtype, max_model_len: int,
-              device_bytes: int | None, limit: int = MAX_BATCH_SEARCH) -> int:
+              device_bytes: int | None, limit: int = MAX_BATCH_SEARCH, quantization: str | None = None) -> int:
     """The largest batch (up to ``limit``) whose memory plan fits ``device_bytes``; 0 if none does."""
     def fits(b: int) -> bool:
         return partition.plan_memory(cfg, layout, dtype=dtype, max_model_len=max_model_len, batch=b,
-                                     device_bytes=device_bytes).fits
+                                     device_bytes=device_bytes, quantization=quantization).fits
     if device_bytes is None:
         return limit
     if not fits(1):
@@ -286,8 +289,10 @@ def max_batch(cfg: LlamaConfig, layout: partition.Layout, *, dtype, max_model_le
 
 def compare_layouts(cfg: LlamaConfig, devices: int, *, dtype, batch: int, max_model_len: int,
                     device_bytes: int | None, bandwidth_gbps: float,
-                    collective_us: float = COLLECTIVE_LATENCY_US) -> list[dict[str, Any]]:
-    """Memory and decode estimates for every layout of ``devices`` devices the model allows.
+                    collective_us: float = COLLECTIVE_LATENCY_US,
+                    quantization: str | None = None) -> list[dict[str, Any]]:
+    """Memory and decode estimates for every layout of ``devices`` devices the model allows
+    (``quantization``: "int8" / "fp8" decoder matrices, see ``partition.plan_memory``).
 
     One dict per layout (pipeline-heaviest first) with keys ``layout`` (a ``partition.Layout``),
     ``pipeline``, ``tensor``, ``layer_counts``, ``plan`` (the ``MemoryPlan`` at ``batch``),
@@ -306,17 +311,18 @@ def compare_layouts(cfg: LlamaConfig, devices: int, *, dtype, batch: int, max_mo
     rows = []
     for layout in layout_candidates(cfg, devices):
         plan = partition.plan_memory(cfg, layout, dtype=dtype, max_model_len=max_model_len, batch=batch,
-                                     device_bytes=device_bytes)
+                                     device_bytes=device_bytes, quantization=quantization)
         row: dict[str, Any] = {"layout": layout, "pipeline": layout.stages, "tensor": layout.tensor_parallel,
                                "layer_counts": list(layout.layer_counts), "plan": plan,
                                "peak_bytes": plan.peak_bytes, "fits": plan.fits}
         row.update(estimate(cfg, layout, dtype=dtype, batch=batch, max_model_len=max_model_len,
-                            bandwidth_gbps=bandwidth_gbps, collective_us=collective_us))
-        mb = max_batch(cfg, layout, dtype=dtype, max_model_len=max_model_len, device_bytes=device_bytes)
+                            bandwidth_gbps=bandwidth_gbps, collective_us=collective_us, quantization=quantization))
+        mb = max_batch(cfg, layout, dtype=dtype, max_model_len=max_model_len, device_bytes=device_bytes,
+                       quantization=quantization)
         row["max_batch"] = mb
         row["max_throughput_tok_s"] = (0.0 if mb == 0 else estimate(
-            cfg, layout, dtype=dtype, batch=mb, max_model_len=max_model_len,
-            bandwidth_gbps=bandwidth_gbps, collective_us=collective_us)["throughput_tok_s"])
+            cfg, layout, dtype=dtype, batch=mb, max_model_len=max_model_len, bandwidth_gbps=bandwidth_gbps,
+            collective_us=collective_us, quantization=quantization)["throughput_tok_s"])
         rows.append(row)
     return rows
 
@@ -341,7 +347,7 @@ def layout_name(row_or_layout) -> str:
 
 
 def format_comparison(rows: list[dict[str, Any]], *, batch: int, max_model_len: int, dtype,
-                      bandwidth_gbps: float, devices: int) -> str:
+                      bandwidth_gbps: float, devices: int, quantization: str | None = None) -> str:
     """The comparison table and the recommendation, as ``jaxpipe plan`` prints them."""
     gib = 1024 ** 3
     if not rows:
@@ -350,7 +356,8 @@ def format_comparison(rows: list[dict[str, Any]], *, batch: int, max_model_len: 
     head = (f"{'layout':<12} {'layers/stage':<{split_w}} {'GiB/device':>10} {'fits':>4} {'ms/token':>9} "
             f"{'tok/s':>9} {'max batch':>9} {'max tok/s':>10} {'prefill bubble':>14}")
     lines = [f"layouts of {devices} devices (batch {batch}, max_model_len {max_model_len}, "
-             f"{np.dtype(dtype).name}, {bandwidth_gbps:g} GB/s per device):", head]
+             f"{np.dtype(dtype).name}{f', {quantization} decoder weights' if quantization else ''}, "
+             f"{bandwidth_gbps:g} GB/s per device):", head]
     for r in rows:
         split = ",".join(map(str, r["layer_counts"]))
         mb = r["max_batch"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -62,6 +63,26 @@ def is_quantized(w) -> bool:
     return kind_of(w.dtype) is not None
 
 
+def scale_from_amax(amax, kind: str):
+    """The float32 scales of columns whose largest magnitudes are ``amax`` (1 for an all-zero column)."""
+    xp = np if isinstance(amax, np.ndarray) else jnp
+    amax = xp.asarray(amax, dtype=xp.float32)
+    # amax * (1/qmax) rather than amax / qmax: XLA rewrites a division by a constant into this product,
+    # and NumPy must give the same bits.
+    return xp.where(amax > 0, amax * xp.float32(1.0 / _QMAX[check_kind(kind)]), xp.float32(1.0)).astype(xp.float32)
+
+
+def quantize_with_scale(w, scale, kind: str):
+    """``w[..., K, N]`` quantized with given per-column ``scale[..., N]`` (from ``scale_from_amax``): the
+    second half of ``quantize``. Quantizing a block of rows with the whole columns' scales gives the
+    rows of ``quantize(w)``, bit for bit."""
+    xp = np if isinstance(w, np.ndarray) else jnp
+    r = xp.asarray(w, dtype=xp.float32) / xp.asarray(scale, xp.float32)[..., None, :]
+    if check_kind(kind) == "int8":
+        return xp.clip(xp.round(r), -127, 127).astype(_DTYPES[kind])
+    return xp.clip(r, -448.0, 448.0).astype(_DTYPES[kind])
+
+
 def quantize(w, kind: str):
     """Quantize ``w[..., K, N]`` per output channel (over K): returns ``(q[..., K, N], scale[..., N])``.
 
@@ -72,16 +93,36 @@ def quantize(w, kind: str):
         raise ValueError(f"quantize needs a weight [..., K, N], got shape {tuple(w.shape)}")
     xp = np if isinstance(w, np.ndarray) else jnp
     w = xp.asarray(w, dtype=xp.float32)
-    amax = xp.max(xp.abs(w), axis=-2)
-    # amax * (1/qmax) rather than amax / qmax: XLA rewrites a division by a constant into this product,
-    # and NumPy must give the same bits.
-    scale = xp.where(amax > 0, amax * xp.float32(1.0 / _QMAX[kind]), xp.float32(1.0)).astype(xp.float32)
-    r = w / scale[..., None, :]
-    if kind == "int8":
-        q = xp.clip(xp.round(r), -127, 127).astype(_DTYPES[kind])
-    else:
-        q = xp.clip(r, -448.0, 448.0).astype(_DTYPES[kind])
-    return q, scale
+    scale = scale_from_amax(xp.max(xp.abs(w), axis=-2), kind)
+    return quantize_with_scale(w, scale, kind), scale
+
+
+# Host arrays are quantized in blocks of rows of about this many float32 bytes, so that quantizing a large
+# matrix never makes a float32 copy of all of it.
+_CHUNK_BYTES = 16 << 20
+
+
+def _row_chunks(w: np.ndarray):
+    rows = w.shape[-2]
+    step = max(1, _CHUNK_BYTES // max(1, 4 * int(np.prod(w.shape[:-2] + w.shape[-1:]))))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def column_amax(w: np.ndarray) -> np.ndarray:
+    """float32 ``max |w|`` over K of a host matrix ``w[..., K, N]``, a block of rows at a time."""
+    amax = np.zeros(w.shape[:-2] + w.shape[-1:], np.float32)
+    for a, b in _row_chunks(w):
+        np.maximum(amax, np.max(np.abs(np.asarray(w[..., a:b, :], np.float32)), axis=-2), out=amax)
+    return amax
+
+
+def quantize_into(out: np.ndarray, w: np.ndarray, scale: np.ndarray, kind: str) -> None:
+    """``out[...] = quantize_with_scale(w, scale, kind)`` for host arrays, a block of rows at a time (``w``
+    may be a memory-mapped or transposed view; only one block of it exists in float32 at once)."""
+    if out.shape != w.shape or out.dtype != quant_dtype(kind):
+        raise ValueError(f"quantize_into: out {out.dtype}{list(out.shape)} does not hold {kind} {list(w.shape)}")
+    for a, b in _row_chunks(w):
+        out[..., a:b, :] = quantize_with_scale(w[..., a:b, :], scale, kind)
 
 
 def dequantize(q, scale, dtype=jnp.float32):
@@ -119,6 +160,40 @@ def nbytes(shape: tuple[int, ...], kind: str | None, dtype=np.float32) -> int:
     return n * quant_dtype(kind).itemsize + int(np.prod(shape[:-2] + shape[-1:])) * 4
 
 
+def quantize_host(w: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """``quantize(w, kind)`` for a host matrix (any float dtype, possibly a memory-mapped view), the same
+    bits, a block of rows at a time."""
+    scale = scale_from_amax(column_amax(w), kind)
+    q = np.empty(w.shape, quant_dtype(kind))
+    quantize_into(q, w, scale, kind)
+    return q, scale
+
+
+def random_quantized(key, shape: tuple[int, ...], kind: str, std: float = 0.02):
+    """Random 8-bit weights ``[..., K, N]`` and scales ``[..., N]`` whose dequantized values look like
+    ``normal(0, std)`` (JAX; elementwise, so XLA never holds a float32 copy of the weights): for dummy
+    weights (``load_format="dummy"``) at real shapes."""
+    z = jax.random.normal(key, shape, jnp.bfloat16)
+    if check_kind(kind) == "int8":  # 3 sigma at the end of the grid
+        q = jnp.clip(jnp.round(z.astype(jnp.float32) * (127 / 3)), -127, 127).astype(jnp.int8)
+        s = std * 3 / 127
+    else:
+        q = z.astype(_DTYPES[kind])
+        s = std
+    return q, jnp.full(shape[:-2] + shape[-1:], s, jnp.float32)
+
+
+# safetensors dtype codes and numpy names of the quantized storage dtypes (jaxpipe.dtypes holds the float ones).
+SAFETENSORS_CODES: dict[str, np.dtype] = {"I8": _DTYPES["int8"], "F8_E4M3": _DTYPES["fp8"]}
+
+
+def storage_dtype(name_or_code: str) -> np.dtype | None:
+    """The quantized storage dtype named ``name_or_code`` ("int8", "float8_e4m3fn", "I8", "F8_E4M3"), or None."""
+    if name_or_code in SAFETENSORS_CODES:
+        return SAFETENSORS_CODES[name_or_code]
+    return next((d for d in _DTYPES.values() if d.name == name_or_code), None)
+
+
 def quantize_tree(params: dict, kind: str, names) -> dict:
     """Quantize the named entries of a flat ``{name: weight}`` dict: ``name`` -> q, ``name + "_scale"`` ->
     scale; other entries are returned unchanged."""
@@ -131,5 +206,7 @@ def quantize_tree(params: dict, kind: str, names) -> dict:
     return out
 
 
-__all__ = ["QUANT_KINDS", "QuantKind", "check_kind", "dequantize", "error_bound", "fake_quantize",
-           "is_quantized", "kind_of", "nbytes", "qmax", "quant_dtype", "quantize", "quantize_tree"]
+__all__ = ["QUANT_KINDS", "QuantKind", "SAFETENSORS_CODES", "check_kind", "column_amax", "dequantize",
+           "error_bound", "fake_quantize", "is_quantized", "kind_of", "nbytes", "qmax", "quant_dtype", "quantize",
+           "quantize_host", "quantize_into", "quantize_tree", "quantize_with_scale", "random_quantized",
+           "scale_from_amax", "storage_dtype"]

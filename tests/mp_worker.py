@@ -67,13 +67,18 @@ def generate(args) -> dict:
 
     def recording_open(path):  # remember which tensors (and layers, rows) this process reads
         reader = open_checkpoint(path)
-        read = reader.read
+        read, read_slice = reader.read, reader.read_slice
 
         def logged(name, layer=None, rows=None):
             reads.append([name, layer, None if rows is None else [rows.start, rows.stop]])
             return read(name, layer=layer, rows=rows)
 
-        reader.read = logged
+        def logged_slice(name, layer=None, index=()):  # what jaxpipe.loading reads through
+            rows = index[0] if name in ("embed", "lm_head") and index else None
+            reads.append([name, layer, None if rows is None else [rows.start, rows.stop]])
+            return read_slice(name, layer, index)
+
+        reader.read, reader.read_slice = logged, logged_slice
         return reader
 
     llm_mod.open_checkpoint = recording_open

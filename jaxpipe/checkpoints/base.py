@@ -28,16 +28,27 @@ LAYER_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo",
 VOCAB_NAMES = ("embed", "lm_head")  # [V, H] tensors that may be read a slice of rows at a time
 # HF and GGUF store these matrices [out, in] (nn.Linear.weight); jaxpipe keeps them [in, out].
 TRANSPOSED_NAMES = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"})
+# The matrices a quantized checkpoint (``jaxpipe convert --quantization``) stores in 8 bits, each with its
+# per-output-channel float32 scales ``<name>_scale [out]`` (jaxpipe.quantize).
+QUANTIZED_NAMES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+SCALE_NAMES = tuple(f"{n}_scale" for n in QUANTIZED_NAMES)
+
+
+def scale_name(name: str) -> str:
+    """The canonical name of the scales of quantized matrix ``name``: ``wq`` -> ``wq_scale``."""
+    return f"{name}_scale"
 
 WHAT_IS_EXPECTED = ("expected a Hugging Face checkpoint directory (config.json + *.safetensors), "
                     "a .gguf file, or a jaxpipe directory written by `jaxpipe convert`")
 
 
-def expected_tensors(config: LlamaConfig) -> dict[Key, tuple[int, ...]]:
+def expected_tensors(config: LlamaConfig, quantization: str | None = None) -> dict[Key, tuple[int, ...]]:
     """Every canonical tensor a checkpoint for ``config`` must hold, with its canonical shape.
 
     Global tensors come first ("embed", "final_norm", "lm_head" unless tied), then each layer's
     tensors keyed ``(name, layer)`` in ``LAYER_NAMES`` order; biases only where the config asks for them.
+    A quantized checkpoint (``quantization`` "int8" / "fp8") also holds each ``QUANTIZED_NAMES`` matrix's
+    scales ``<name>_scale [out]``, right after the matrix.
     """
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     q, kv = config.q_size, config.kv_size
@@ -54,6 +65,8 @@ def expected_tensors(config: LlamaConfig) -> dict[Key, tuple[int, ...]]:
         for name in LAYER_NAMES:
             if name in shapes:
                 out[(name, layer)] = shapes[name]
+                if quantization is not None and name in QUANTIZED_NAMES:
+                    out[(scale_name(name), layer)] = shapes[name][-1:]
     return out
 
 
@@ -145,11 +158,14 @@ class CheckpointReader:
     """
 
     kind: str = ""
+    # "int8" / "fp8" when the checkpoint stores QUANTIZED_NAMES in 8 bits with their scales, else None.
+    quantization: str | None = None
 
-    def __init__(self, path: str, config: LlamaConfig) -> None:
+    def __init__(self, path: str, config: LlamaConfig, quantization: str | None = None) -> None:
         self.path = path
         self.config = config
-        self._expected = expected_tensors(config)
+        self.quantization = quantization
+        self._expected = expected_tensors(config, quantization)
 
     # -- what is there ----------------------------------------------------------------------------
 
@@ -245,12 +261,14 @@ class CheckpointReader:
             if name == "lm_head" and self.config.tie_word_embeddings:
                 raise CheckpointError(f"{self.path}: lm_head is tied to the embedding; read 'embed' instead")
             return name
-        if name not in LAYER_NAMES:
+        if name not in LAYER_NAMES and name not in SCALE_NAMES:
             raise CheckpointError(f"unknown tensor name {name!r}; canonical names are "
-                                  f"{GLOBAL_NAMES + LAYER_NAMES}")
+                                  f"{GLOBAL_NAMES + LAYER_NAMES + SCALE_NAMES}")
         if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.config.num_layers:
             raise CheckpointError(f"{name!r} needs layer in [0, {self.config.num_layers}), got {layer!r}")
         layer = int(layer)
+        if name in SCALE_NAMES and self.quantization is None:
+            raise CheckpointError(f"{self.path}: this checkpoint is not quantized: it has no {name!r}")
         if (name, layer) not in self._expected:
             raise CheckpointError(f"{self.path}: this model has no {name!r} (the config has "
                                   f"attention_bias={self.config.attention_bias}, "

@@ -10,8 +10,14 @@ orientation the model uses (matrices ``[in, out]``: a tensor-parallel shard is a
     jaxpipe_manifest.json       {"format": "jaxpipe", "version": 1, "dtype": ..., "tensors": {name: entry}}
 
 Each manifest entry is ``{"file", "shape", "dtype", "crc32"}``: the dtype is per tensor (``jaxpipe.dtypes``
-names), so a directory may mix dtypes. Reserved for quantized weights (not written yet): an entry's optional
-``"scale"`` names another entry holding its per-channel scales; this reader refuses such entries.
+names), so a directory may mix dtypes.
+
+Quantized directories (``jaxpipe convert --quantization int8|fp8``): the manifest says ``"quantization":
+"int8"`` (or ``"fp8"``); every ``QUANTIZED_NAMES`` matrix is stored in 8 bits (dtype ``int8`` or
+``float8_e4m3fn``, ``[in, out]`` as always) and its entry's ``"scale"`` names the entry of its float32
+per-output-channel scales ``layers.N.<name>_scale [out]`` (same file), with ``w ~= q * scale`` column by column
+(``jaxpipe.quantize``). Everything else stays in a float dtype. jaxpipe versions before quantization refuse
+such entries (they have a ``"scale"``) with an error saying so.
 
 Integrity: opening checks the manifest against every file's safetensors header (names, dtypes, shapes) and
 safetensors checks that each file's size matches its header, so a truncated, missing or mismatched file is
@@ -35,10 +41,12 @@ import numpy as np
 
 from jaxpipe import dtypes
 from jaxpipe.checkpoints.base import (
-    CheckpointReader, Index, Key, copy_tokenizer_files, is_whole, key_name, load_local_tokenizer)
+    QUANTIZED_NAMES, SCALE_NAMES, CheckpointReader, Index, Key, copy_tokenizer_files, is_whole, key_name,
+    load_local_tokenizer, scale_name)
 from jaxpipe.checkpoints.safetensors_file import SafetensorsFile
 from jaxpipe.config import LlamaConfig
 from jaxpipe.errors import CheckpointError
+from jaxpipe.quantize import QUANT_KINDS, SAFETENSORS_CODES, quant_dtype, storage_dtype
 
 MANIFEST_FILE = "jaxpipe_manifest.json"
 MANIFEST_FORMAT = "jaxpipe"
@@ -55,6 +63,15 @@ def layer_file(layer: int) -> str:
 def checksum(arr: np.ndarray) -> int:
     """The crc32 a manifest records for a tensor: of its bytes in C order (zlib; releases the GIL)."""
     return zlib.crc32(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+
+
+def entry_dtype(name: str) -> np.dtype:
+    """The numpy dtype a manifest names: a float (``jaxpipe.dtypes``) or an 8-bit storage dtype."""
+    return storage_dtype(name) or dtypes.np_dtype(name)
+
+
+def _safetensors_code(dt: np.dtype) -> str:
+    return next((code for code, d in SAFETENSORS_CODES.items() if d == dt), None) or dtypes.safetensors_code(dt)
 
 
 def looks_like_jaxpipe_dir(path: str) -> bool:
@@ -78,9 +95,10 @@ class JaxpipeReader(CheckpointReader):
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise CheckpointError(f"{path}: no config.json next to {MANIFEST_FILE}; {self._fix}")
-        super().__init__(path, LlamaConfig.from_json(config_path))
+        config = LlamaConfig.from_json(config_path)
         self._manifest_path = os.path.join(path, MANIFEST_FILE)
-        self._entries = self._load_manifest()
+        self._entries, quantization = self._load_manifest()
+        super().__init__(path, config, quantization)
         self._files: dict[str, SafetensorsFile] = {}
         self._validate()
         self._verified: set[str] = set()
@@ -90,7 +108,7 @@ class JaxpipeReader(CheckpointReader):
     def _fix(self) -> str:
         return f"the jaxpipe directory {self.path} is damaged: delete it and convert again"
 
-    def _load_manifest(self) -> dict[str, dict[str, Any]]:
+    def _load_manifest(self) -> tuple[dict[str, dict[str, Any]], str | None]:
         mpath = self._manifest_path
         try:
             with open(mpath) as f:
@@ -107,7 +125,11 @@ class JaxpipeReader(CheckpointReader):
         tensors = manifest.get("tensors")
         if not isinstance(tensors, dict):
             raise CheckpointError(f"{mpath}: manifest has no 'tensors' table; {self._fix}")
-        return tensors
+        quantization = manifest.get("quantization")
+        if quantization is not None and quantization not in QUANT_KINDS:
+            raise CheckpointError(f"{mpath}: quantization {quantization!r} is not one this jaxpipe reads "
+                                  f"({', '.join(QUANT_KINDS)}); convert the original checkpoint again")
+        return tensors, quantization
 
     def _validate(self) -> None:
         mpath = self._manifest_path
@@ -120,22 +142,20 @@ class JaxpipeReader(CheckpointReader):
             if entry is None:
                 raise CheckpointError(f"{mpath}: tensor {name} (expected shape {list(shape)}) is missing; "
                                       f"{self._fix}")
-            if isinstance(entry, dict) and "scale" in entry:
-                raise CheckpointError(f"{mpath}: tensor {name} is quantized (it has a scale), which this "
-                                      "version of jaxpipe does not read")
             try:
                 filename, found, dtype = entry["file"], tuple(entry["shape"]), entry["dtype"]
                 int(entry["crc32"])
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{mpath}: entry for tensor {name} lacks one of {list(_ENTRY_KEYS)}; "
                                       f"{self._fix}") from None
+            self._check_quantized_entry(name, entry)
             if os.path.basename(filename) != filename:
                 raise CheckpointError(f"{mpath}: tensor {name} points outside the directory ({filename!r})")
             if found != shape:
                 raise CheckpointError(f"{mpath}: tensor {name} in {filename} has shape {list(found)}, "
                                       f"expected {list(shape)} from config.json; {self._fix}")
             try:
-                code = dtypes.safetensors_code(dtypes.np_dtype(dtype))
+                code = _safetensors_code(entry_dtype(dtype))
             except (ValueError, TypeError, KeyError):
                 raise CheckpointError(f"{mpath}: tensor {name} has unsupported dtype {dtype!r}") from None
             if filename not in self._files:
@@ -149,8 +169,28 @@ class JaxpipeReader(CheckpointReader):
                                       f"(file has {st.tensors.get(name)}, manifest says {code} {list(shape)}); "
                                       f"{self._fix}")
 
+    def _check_quantized_entry(self, name: str, entry: dict[str, Any]) -> None:
+        """8-bit dtypes and ``"scale"`` links only where the manifest's quantization puts them."""
+        mpath, kind = self._manifest_path, self.quantization
+        parts = name.split(".")  # "embed" or "layers.N.name"
+        base = parts[-1]
+        dt = storage_dtype(str(entry["dtype"]))
+        if kind is not None and base in QUANTIZED_NAMES:
+            want = key_name((scale_name(base), int(parts[1])))
+            if entry.get("scale") != want or dt != quant_dtype(kind):
+                raise CheckpointError(f"{mpath}: tensor {name} of this {kind} checkpoint must be "
+                                      f"{quant_dtype(kind).name} with \"scale\": {want!r}, got dtype "
+                                      f"{entry['dtype']!r}, scale {entry.get('scale')!r}; {self._fix}")
+        elif base in SCALE_NAMES and entry["dtype"] != "float32":
+            raise CheckpointError(f"{mpath}: scales {name} must be float32, got {entry['dtype']!r}; {self._fix}")
+        elif "scale" in entry or dt is not None:
+            what = ("the manifest names no quantization" if kind is None else
+                    f"only {', '.join(QUANTIZED_NAMES)} are quantized")
+            raise CheckpointError(f"{mpath}: tensor {name} is stored quantized (dtype {entry['dtype']!r}"
+                                  f"{', with a scale' if 'scale' in entry else ''}), but {what}; {self._fix}")
+
     def dtype(self, name: str, layer: int | None = None) -> np.dtype:
-        return dtypes.np_dtype(self._entries[key_name(self._key(name, layer))]["dtype"])
+        return entry_dtype(self._entries[key_name(self._key(name, layer))]["dtype"])
 
     def _view(self, key: Key) -> np.ndarray:
         name = key_name(key)

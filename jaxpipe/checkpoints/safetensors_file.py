@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from jaxpipe import dtypes
 from jaxpipe.checkpoints.base import one_line
 from jaxpipe.errors import CheckpointError
+from jaxpipe.quantize import storage_dtype
 
 
 class SafetensorsFile:
@@ -50,7 +51,8 @@ class SafetensorsFile:
     def view(self, name: str) -> np.ndarray:
         """Tensor ``name`` as a read-only array over the file's memory map (no bytes are read yet)."""
         code, shape = self.tensors[name]
-        dt = dtypes.from_safetensors(code)
+        # Float weights, or the 8-bit values of a quantized jaxpipe directory (which only its reader accepts).
+        dt = dtypes.from_safetensors(code) or storage_dtype(code)
         if dt is None:
             raise CheckpointError(f"{self.path}: tensor {name} has dtype {code}, which jaxpipe does not read")
         begin, end = self._offsets[name]

@@ -141,8 +141,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from jaxpipe import LLM
     from jaxpipe.llm import DEFAULT_MODEL_NAME
 
-    kwargs = dict(model=model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
-                  pipeline_parallel_size=args.pipeline_parallel_size,
+    kwargs = dict(model=model, dtype=args.dtype, quantization=args.quantization, max_model_len=args.max_model_len,
+                  seed=args.seed, pipeline_parallel_size=args.pipeline_parallel_size,
                   tensor_parallel_size=args.tensor_parallel_size, layer_partition=args.layer_partition,
                   max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization)
     if args.load_format is not None:
