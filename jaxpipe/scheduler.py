@@ -109,6 +109,8 @@ class LLMEngine:
     thread; ``step`` from one thread only.
     """
 
+    _instances = 0
+
     def __init__(self, model: PipelineModel, params: dict, tokenizer, *, max_num_seqs: int, max_model_len: int,
                  eos_token_ids: tuple[int, ...], seed: int = 0, num_microbatches: int | None = None,
                  steps_per_dispatch: int = 4, max_num_batched_tokens: int = 2048, max_prefill_chunk: int = 512,
@@ -142,6 +144,13 @@ class LLMEngine:
         import jax
         self._coordinated = jax.process_count() > 1   # process 0 decides; the others follow (see _sync)
         self._step_no = 0
+        # Keys of this engine in the run's key-value store: every process builds its engines in the same
+        # order, so the n-th engine has the same prefix everywhere.
+        LLMEngine._instances += 1
+        self._kv_prefix = f"jaxpipe/engine/{LLMEngine._instances}"
+        self._read_no = 0
+        # Processes that hold neither the first nor the last stage get the outputs from process 0.
+        self._relay = self._coordinated and self._needs_relay()
         self._shutdown = False
         self.stats_ = EngineStats()
         self.record_logits = False   # tests: keep float32 logits of prefill positions and generated tokens
@@ -428,10 +437,34 @@ class LLMEngine:
 
     # -- reading results ----------------------------------------------------------------------------------
 
+    def _needs_relay(self) -> bool:
+        import jax
+        S = self.model.layout.stages
+        ends = {d.process_index for s in (0, S - 1) for d in self.model.mesh.devices[s]}
+        return len(ends) < jax.process_count()
+
+    def _fetch(self, outs, from_last: tuple[int, ...]) -> list[np.ndarray]:
+        """The outputs of one dispatch on the host: read from this process's devices, or, on a process
+        holding neither end stage, published by process 0 through the key-value store."""
+        from jaxpipe import distributed
+
+        n, self._read_no = self._read_no, self._read_no + 1
+        if not self._relay:
+            return self.engine.fetch(outs, from_last)
+        key = f"{self._kv_prefix}/out/{n}"
+        if self.engine.readable_stage is None:
+            return _unpack_arrays(distributed.kv_get(key))
+        arrays = self.engine.fetch(outs, from_last)
+        if self._is_coordinator():
+            distributed.kv_set(key, _pack_arrays(arrays))
+            if n >= 64:  # followers lag at most a few dispatches: the device programs keep them in step
+                distributed.kv_delete(f"{self._kv_prefix}/out/{n - 64}")
+        return arrays
+
     def _read(self, item, touched: dict[str, _Request]) -> None:
         kind, owners, payload = item
         if kind == "prefill":
-            tok, lp, rank, top_ids, top_lp, logits, *scores = self.engine.fetch(payload)
+            tok, lp, rank, top_ids, top_lp, logits, *scores = self._fetch(payload, from_last=(5,))
             for i, (s, k, final, a, scoring) in enumerate(owners):
                 if s.done:
                     continue
@@ -446,7 +479,7 @@ class LLMEngine:
                     self._deliver(s, int(tok[i]), float(lp[i]), int(rank[i]), top_ids[i], top_lp[i], touched)
             return
         tick0, outs = payload
-        tok, lp, rank, top_ids, top_lp, live, logits = self.engine.fetch(outs)
+        tok, lp, rank, top_ids, top_lp, live, logits = self._fetch(outs, from_last=(6,))
         b = self.shape.rows
         slots = self.engine.ring.output_slots(tick0, tok.shape[0])
         for j, r in zip(*np.nonzero(live)):
@@ -560,12 +593,14 @@ class LLMEngine:
         """Process 0's submissions of this step, on every process (through the key-value store)."""
         from jaxpipe import distributed
 
-        key = f"jaxpipe/engine/step/{self._step_no}"
+        key = f"{self._kv_prefix}/step/{self._step_no}"
         if self._is_coordinator():
             payload = json.dumps({"items": [_encode(k, v) for k, v in items], "shutdown": self._shutdown})
             distributed.kv_set(key, payload)
-            if self._step_no >= 2:
-                distributed.kv_delete(f"jaxpipe/engine/step/{self._step_no - 2}")
+            # Keep a window: a follower is at most a few steps behind (device programs keep processes in
+            # step; steps without a dispatch do not, so the window is wide).
+            if self._step_no >= 64:
+                distributed.kv_delete(f"{self._kv_prefix}/step/{self._step_no - 64}")
             return items
         data = json.loads(distributed.kv_get(key))
         if data["shutdown"]:
@@ -595,6 +630,21 @@ class LLMEngine:
         while self.has_unfinished_requests():
             self.step()
         self._counter, self.stats_ = counter, stats
+
+
+def _pack_arrays(arrays: list[np.ndarray]) -> str:
+    import base64
+    import io
+    buf = io.BytesIO()
+    np.savez(buf, *arrays)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _unpack_arrays(text: str) -> list[np.ndarray]:
+    import base64
+    import io
+    with np.load(io.BytesIO(base64.b64decode(text))) as f:
+        return [f[f"arr_{i}"] for i in range(len(f.files))]
 
 
 def _encode(kind: str, item) -> list:
