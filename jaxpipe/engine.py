@@ -77,10 +77,20 @@ class Engine:
         self._tick = tick0 + self.ring.ticks_for_steps(spec.steps)
         return tick0, outs
 
-    @staticmethod
-    def fetch(outs: tuple) -> list[np.ndarray]:
-        """Device outputs as NumPy arrays (blocks until the dispatch has run)."""
-        return [host_array(o) for o in outs]
+    @property
+    def readable_stage(self) -> int | None:
+        """The stage whose copy of the outputs this process reads: the first stage's (where the sampled tokens
+        arrive) if it holds one of its devices, else the last stage's (which sent them, the same values), or
+        None when it holds neither (a middle process of a run over 3+ processes: the scheduler relays)."""
+        S = self.model.layout.stages
+        mine = {s for s in range(S) for d in self.model.mesh.devices[s] if d.process_index == jax.process_index()}
+        return 0 if 0 in mine else S - 1 if S - 1 in mine else None
+
+    def fetch(self, outs: tuple, from_last: tuple[int, ...] = ()) -> list[np.ndarray]:
+        """A dispatch's outputs as NumPy arrays (blocks until the dispatch has run), from ``readable_stage``;
+        the outputs at positions ``from_last`` (recorded logits: tests) from the last stage."""
+        last, stage = self.model.layout.stages - 1, self.readable_stage
+        return [host_array(o, last if i in from_last or stage == last else 0) for i, o in enumerate(outs)]
 
     def block(self) -> None:
         jax.block_until_ready(self.state.tick)

@@ -119,6 +119,8 @@ def plan_blocks(reader: CheckpointReader, model: PipelineModel,
             block_shape = tuple(b - a for a, b in bounds)
             if path.startswith("layers."):
                 tasks = _layer_tasks(reader, layout, kv_cols, path.split(".", 1)[1], bounds, shape, on_load)
+            elif path == "ends":
+                tasks = _ends_tasks(cfg, layout.stages, model.end_slices, bounds, block_shape, model.dtype)
             else:
                 tasks = _global_tasks(reader, cfg, path, bounds, block_shape, model.dtype)
             blocks.append(Block(path, bounds, block_shape, devs, tasks, np.dtype(abstract.dtype)))
@@ -204,6 +206,29 @@ def _column_segments(widths: list[int], tp: int, lo: int, hi: int) -> list[tuple
                 segments.append((part, a + base, b + base, a - lo))
             start += g
     return segments
+
+
+def _ends_tasks(cfg: LlamaConfig, stages: int, per_stage: int, bounds, block_shape, run_dtype) -> list[list[Piece]]:
+    """``ends [stages * per_stage, V_padded, H]``: the first stage's first slice is the embedding, the last
+    stage's last slice the lm_head (the embedding again when tied); other slices stay zeros, never read.
+    Each slice's vocabulary rows (padding rows stay zeros) in row chunks."""
+    (g0, g1), (r0, r1), (c0, c1) = bounds
+    hi = min(r1, cfg.vocab_size)
+    row_bytes = int(np.prod(block_shape[2:])) * np.dtype(run_dtype).itemsize
+    step = max(1, _TASK_BYTES // max(1, row_bytes))
+    tasks = []
+    for g in range(g0, g1):
+        stage, j = divmod(g, per_stage)
+        if stage == stages - 1 and j == per_stage - 1:
+            name = "embed" if cfg.tie_word_embeddings else "lm_head"
+        elif stage == 0 and j == 0:
+            name = "embed"
+        else:
+            continue
+        tasks += [[Piece(name, None, (slice(a, min(a + step, hi)), slice(c0, c1)),
+                         (slice(g - g0, g - g0 + 1), slice(a - r0, min(a + step, hi) - r0), slice(None)))]
+                  for a in range(r0, hi, step)]
+    return tasks
 
 
 def _global_tasks(reader, cfg: LlamaConfig, path: str, bounds, block_shape, run_dtype) -> list[list[Piece]]:

@@ -2,9 +2,9 @@
 
 Every function here sees *local* shapes: the decoder layers are one stacked set of parameters with a
 leading layer axis (a stage's slice of the whole stack), attention and MLP weights hold this device's
-heads and columns, and the embedding and lm_head hold this device's rows of the (padded) vocabulary.
-Cross-device sums are named by mesh axis, so the same code runs on one device (axes of size 1) and
-inside ``jax.shard_map`` over a ``stage`` x ``tensor`` mesh.
+heads and columns, and the end slices (embedding, lm_head) this stage's rows of the (padded) vocabulary.
+Cross-device sums take their axis name as an argument (``jaxpipe.sharding.RULES.tensor`` inside the
+programs, None on one device): this module names no mesh axes.
 """
 
 from __future__ import annotations
@@ -21,12 +21,6 @@ from jaxpipe.config import LlamaConfig
 from jaxpipe.kernels.decode_attention import MASK_VALUE, decode_attention, decode_attention_rows
 from jaxpipe.kernels.quant_matmul import layer_matmul
 from jaxpipe.quantize import check_kind, random_quantized
-
-STAGE_AXIS = "stage"
-TENSOR_AXIS = "tensor"
-# The embedding and lm_head are split by vocabulary rows over every device of the mesh.
-VOCAB_AXES = (STAGE_AXIS, TENSOR_AXIS)
-
 
 class KVCache(NamedTuple):
     """Keys and values of one stage: ``[layers, rows, kv_heads, positions, head_dim]`` each."""
@@ -206,7 +200,7 @@ class DecoderLayers(nnx.Module):
         return x + out, cache
 
     def __call__(self, x: jax.Array, cache: KVCache, step: StepInputs, *, num_layers,
-                 tensor_axis: str | None = TENSOR_AXIS, unroll: int | bool = 1,
+                 tensor_axis: str | None = None, unroll: int | bool = 1,
                  attention: str = "xla") -> tuple[jax.Array, KVCache]:
         """Run the first ``num_layers`` stacked layers (an int, or a traced count for uneven stages) on
         ``x [b, t, H]``, tokens at ``step.positions``. ``attention`` picks the decode attention kernel
@@ -240,40 +234,36 @@ def _prefill_attention(qg: jax.Array, cache: KVCache, layer, step: StepInputs) -
 
 
 class Llama(nnx.Module):
-    """Embedding, stacked decoder layers, final norm and lm_head.
+    """The end slices, stacked decoder layers and the final norm.
 
-    ``vocab_rows`` is the (padded) vocabulary size held by this module: the whole padded vocabulary
-    for the global abstract model, a shard of it inside ``shard_map``.
+    ``ends [end_slices, vocab_rows, H]``: the embedding and the lm_head (HF's ``[V, H]`` orientation), one
+    slice each per pipeline stage that needs it (see ``end_slices``). Inside ``shard_map`` a stage holds
+    its own slices and the rows of its tensor shard: the first local slice is the embedding (used on the
+    first stage), the last local slice the lm_head (used on the last stage); with one stage and tied
+    weights they are one slice.
     """
 
-    def __init__(self, cfg: LlamaConfig, *, num_layers: int, vocab_rows: int, dtype=jnp.float32,
+    def __init__(self, cfg: LlamaConfig, *, num_layers: int, vocab_rows: int, end_slices: int, dtype=jnp.float32,
                  rngs: nnx.Rngs, tensor_parallel: int = 1, kv_size: int | None = None,
                  quantization: str | None = None) -> None:
         self.cfg = cfg
-        self.embed = nnx.Param(_normal(rngs, (vocab_rows, cfg.hidden_size), dtype))
+        self.ends = nnx.Param(_normal(rngs, (end_slices, vocab_rows, cfg.hidden_size), dtype))
         self.layers = DecoderLayers(cfg, num_layers, dtype=dtype, rngs=rngs, tensor_parallel=tensor_parallel,
                                     kv_size=kv_size, quantization=quantization)
         self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), dtype))
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nnx.Param(_normal(rngs, (vocab_rows, cfg.hidden_size), dtype))
 
-    def embed_tokens(self, ids: jax.Array, *, vocab_axes=VOCAB_AXES) -> jax.Array:
-        """Look token ids up in this device's vocabulary rows and sum over the devices holding the rest."""
-        table = self.embed[...]
+    def embed_tokens(self, ids: jax.Array, *, tensor_axis: str | None = None) -> jax.Array:
+        """Look token ids up in this shard's vocabulary rows of the embedding; sum over the tensor shards."""
+        table = self.ends[...][0]
         rows = table.shape[0]
-        local = ids - (jax.lax.axis_index(vocab_axes) * rows if vocab_axes else 0)
+        local = ids - (jax.lax.axis_index(tensor_axis) * rows if tensor_axis else 0)
         mine = (local >= 0) & (local < rows)
         x = jnp.where(mine[..., None], jnp.take(table, jnp.clip(local, 0, rows - 1), axis=0), 0)
-        return jax.lax.psum(x, vocab_axes) if vocab_axes else x
+        return jax.lax.psum(x, tensor_axis) if tensor_axis else x
 
-    def logits(self, h: jax.Array, *, vocab_axes=VOCAB_AXES) -> jax.Array:
-        """float32 logits over the whole padded vocabulary from final hidden states ``h [..., H]``.
-
-        Each device multiplies by its rows of the lm_head; an all-gather joins the pieces.
-        """
-        head = self.embed[...] if self.cfg.tie_word_embeddings else self.lm_head[...]
+    def logits(self, h: jax.Array) -> jax.Array:
+        """float32 logits of this shard's vocabulary rows from final hidden states ``h [..., H]`` (no gather:
+        the sampler works on the pieces, ``jaxpipe.sampler``)."""
+        head = self.ends[...][-1]
         h = rms_norm(h, self.final_norm[...], self.cfg.rms_norm_eps)
-        local = jnp.einsum("...h,vh->...v", h, head, preferred_element_type=jnp.float32)
-        if vocab_axes:
-            local = jax.lax.all_gather(local, vocab_axes, axis=local.ndim - 1, tiled=True)
-        return local
+        return jnp.einsum("...h,vh->...v", h, head, preferred_element_type=jnp.float32)

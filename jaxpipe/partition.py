@@ -2,18 +2,19 @@
 
 The mesh has two axes: ``stage`` (pipeline stages, each a contiguous block of decoder layers) and
 ``tensor`` (tensor parallelism inside a stage). Every parameter and cache array gets its
-``PartitionSpec`` from the one table below (``param_spec``/``CACHE_SPEC``); loading, random
-initialisation and the jitted programs all use it.
+``PartitionSpec`` from its logical axes (``jaxpipe.sharding``: ``PARAM_AXES``, ``CACHE_AXES``, ``RULES``);
+loading, random initialisation and the jitted programs all use them.
 
 Where the pieces live:
 - decoder layers: stacked ``[stages * slots_per_stage, ...]``, sharded over ``stage``; a stage with fewer
   layers than the longest one leaves its last slot empty (zeros, never computed);
 - attention heads and MLP columns: sharded over ``tensor`` (q/k/v/gate/up by output columns, o/down by
   input rows); when there are fewer KV heads than ``tensor`` shards, KV heads are replicated;
-- embedding and lm_head: sharded by vocabulary rows over *all* devices (``stage`` x ``tensor``). This
-  spreads their memory and the lm_head matmul evenly instead of loading them onto the end stages
-  (vLLM's first/last placement caps the end stages' KV capacity); the sampled token then reaches
-  every stage through one small all-gather of logits per step.
+- embedding on the first stage, lm_head on the last (``ends``, one slice per stage, split by vocabulary
+  rows over ``tensor``): only activations and sampled tokens cross between stages. In SPMD every stage
+  allocates its slice (middle stages' stay unused), so the end stages are heavier only in the bytes they
+  read per tick: the last stage reads its lm_head rows every tick, and ``split_layers`` gives it fewer
+  layers when that lowers the slowest stage's bytes.
 - KV cache ``[slots_per_stage, rows, kv_heads, positions, head_dim]`` per stage: ``stage`` on layers,
   ``tensor`` on KV heads.
 """
@@ -30,34 +31,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxpipe.config import LlamaConfig
 from jaxpipe.errors import LayoutError, MemoryPlanError
-from jaxpipe.model import STAGE_AXIS, TENSOR_AXIS, VOCAB_AXES
 from jaxpipe.quantize import quant_dtype
+from jaxpipe.sharding import CACHE_AXES, MESH_AXES, PARAM_AXES, RULES
 
-# The table: one PartitionSpec per parameter (names as in docs/DESIGN.md) and for the KV cache.
-PARAM_SPECS: dict[str, P] = {
-    "embed": P(VOCAB_AXES, None),
-    "lm_head": P(VOCAB_AXES, None),
-    "final_norm": P(None),
-    "layers.attn_norm": P(STAGE_AXIS, None),
-    "layers.mlp_norm": P(STAGE_AXIS, None),
-    # Fused q|k|v and gate|up: columns grouped shard by shard, so sharding the last axis hands each
-    # tensor shard its own q, k, v (gate, up) columns.
-    "layers.wqkv": P(STAGE_AXIS, None, TENSOR_AXIS),
-    "layers.bqkv": P(STAGE_AXIS, TENSOR_AXIS),
-    "layers.wo": P(STAGE_AXIS, TENSOR_AXIS, None),
-    "layers.bo": P(STAGE_AXIS, None),
-    "layers.w_gate_up": P(STAGE_AXIS, None, TENSOR_AXIS),
-    "layers.b_gate_up": P(STAGE_AXIS, TENSOR_AXIS),
-    "layers.w_down": P(STAGE_AXIS, TENSOR_AXIS, None),
-    "layers.b_down": P(STAGE_AXIS, None),
-    # Per-output-channel scales of 8-bit weights (``quantization``), split like their weight's columns:
-    # column-split weights' scales go with their columns; row-split ones (o, down) need every shard's copy.
-    "layers.wqkv_scale": P(STAGE_AXIS, TENSOR_AXIS),
-    "layers.wo_scale": P(STAGE_AXIS, None),
-    "layers.w_gate_up_scale": P(STAGE_AXIS, TENSOR_AXIS),
-    "layers.w_down_scale": P(STAGE_AXIS, None),
-}
-CACHE_SPEC = P(STAGE_AXIS, None, TENSOR_AXIS, None, None)
+# One PartitionSpec per parameter (names as in docs/DESIGN.md) and for the KV cache, from their logical axes.
+PARAM_SPECS: dict[str, P] = {path: RULES.spec(*axes) for path, axes in PARAM_AXES.items()}
+CACHE_SPEC = RULES.spec(*CACHE_AXES)
 REPLICATED = P()
 
 
@@ -69,13 +48,14 @@ def param_spec(path: str) -> P:
         raise KeyError(f"no PartitionSpec for parameter {path!r}; add it to PARAM_SPECS") from None
 
 
-def split_layers(num_layers: int, stages: int) -> tuple[int, ...]:
-    """Layers per stage, as vLLM splits them: ``L // S`` each, the remainder added one by one from the
+def split_layers(num_layers: int, stages: int, head_layers: float = 0.0) -> tuple[int, ...]:
+    """Layers per stage. vLLM's split is ``L // S`` each, the remainder added one by one from the
     second-to-last stage backwards, never to the last stage.
 
-    The embedding and lm_head are spread over all devices here, so stages differ only in their layers;
-    keeping the extra layers off the end stages follows vLLM and leaves the first stage (which also does
-    the embedding all-reduce) and the last (which also finishes the final norm) their slack.
+    ``head_layers``: what the last stage reads per tick for its lm_head, in layers' worth of bytes. The
+    ring runs in lock step, so a tick lasts as long as the stage that reads the most; when moving layers
+    off the last stage (to the others, from the second-to-last backwards) lowers that maximum, they move.
+    With ``head_layers=0`` this is vLLM's split.
     """
     if stages < 1:
         raise LayoutError(f"pipeline_parallel_size must be at least 1, got {stages}")
@@ -88,7 +68,33 @@ def split_layers(num_layers: int, stages: int) -> tuple[int, ...]:
     if remainder:
         for i in range(2, remainder + 2):
             counts[-i] += 1
+
+    def cost(c):
+        return max(n + (head_layers if s == stages - 1 else 0.0) for s, n in enumerate(c))
+
+    while stages > 1 and counts[-1] > 1:
+        moved = list(counts)
+        moved[-1] -= 1
+        others = list(range(stages - 1))
+        target = min(others, key=lambda s: (moved[s], -s))  # the lightest, nearest the end
+        moved[target] += 1
+        if cost(moved) < cost(counts):
+            counts = moved
+        else:
+            break
     return tuple(counts)
+
+
+def end_slices(cfg: LlamaConfig, stages: int) -> int:
+    """Slices of ``ends`` per stage: one (the embedding on the first stage, the lm_head on the last), or two
+    on a single stage whose lm_head is not the embedding."""
+    return 2 if stages == 1 and not cfg.tie_word_embeddings else 1
+
+
+def head_layers(cfg: LlamaConfig, tp: int, nbytes: int = 2) -> float:
+    """The lm_head's rows a last-stage device reads per tick, in decoder layers' worth of bytes."""
+    vocab = -(-cfg.vocab_size // tp) * tp
+    return vocab // tp * cfg.hidden_size * nbytes / layer_bytes_per_shard(cfg, tp, nbytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +133,8 @@ class Layout:
         return stage, self.layer_offsets[stage] + j
 
     def padded_vocab(self, vocab_size: int) -> int:
-        """Vocabulary rounded up so every device holds the same number of rows."""
-        n = self.num_devices
+        """Vocabulary rounded up so every tensor shard holds the same number of rows."""
+        n = self.tensor_parallel
         return -(-vocab_size // n) * n
 
 
@@ -151,7 +157,8 @@ def make_layout(cfg: LlamaConfig, pipeline_parallel_size: int = 1, tensor_parall
                 f"layer_partition {list(counts)} sums to {sum(counts)}, but the model has "
                 f"{cfg.num_layers} layers")
     else:
-        counts = split_layers(cfg.num_layers, S)
+        check_tensor_parallel(cfg, T)
+        counts = split_layers(cfg.num_layers, S, head_layers(cfg, T))
     check_tensor_parallel(cfg, T)
     return Layout(layer_counts=counts, tensor_parallel=T)
 
@@ -201,7 +208,7 @@ def make_mesh(layout: Layout, devices: Sequence[jax.Device] | None = None) -> Me
             f"but only {len(devices)} {devices[0].platform if devices else ''} device(s) are visible; "
             "use smaller pipeline_parallel_size / tensor_parallel_size")
     grid = np.array(devices[:need], dtype=object).reshape(layout.stages, layout.tensor_parallel)
-    return Mesh(grid, (STAGE_AXIS, TENSOR_AXIS))
+    return Mesh(grid, MESH_AXES)
 
 
 def sharding(mesh: Mesh, spec: P) -> NamedSharding:
@@ -275,14 +282,16 @@ def plan_memory(cfg: LlamaConfig, layout: Layout, *, dtype, max_model_len: int, 
     the embedding, lm_head, norms and the KV cache stay in ``dtype``."""
     nbytes = dtype_bytes(dtype)
     tp = layout.tensor_parallel
-    n_dev = layout.num_devices
     vocab = layout.padded_vocab(cfg.vocab_size)
-    ends = (vocab * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2) // n_dev + cfg.hidden_size) * nbytes
+    # Every stage holds its slices of `ends` (the first and last stages use theirs) and the final norm.
+    ends = (end_slices(cfg, layout.stages) * vocab // tp * cfg.hidden_size + cfg.hidden_size) * nbytes
     kv_heads = kv_heads_per_shard(cfg, tp)
     kv_per_layer = 2 * batch * kv_heads * max_model_len * cfg.head_dim * nbytes
     layer_bytes = layer_bytes_per_shard(cfg, tp, nbytes, quantization)
-    # Workspace: gathered float32 logits and sampling copies of them, plus a few activations.
-    workspace = 4 * batch * vocab * 4 + 8 * batch * max(cfg.intermediate_size // tp, cfg.hidden_size) * nbytes
+    # Workspace: this shard's float32 logits and sampling copies of them, the per-slot output-token counts
+    # and prompt masks (penalties), plus a few activations.
+    workspace = (4 * batch * vocab // tp * 4 + batch * vocab // tp * 5
+                 + 8 * batch * max(cfg.intermediate_size // tp, cfg.hidden_size) * nbytes)
     slots = layout.slots_per_stage
     stages = tuple(
         StagePlan(stage=s, layers=n, first_layer=layout.layer_offsets[s],

@@ -148,6 +148,9 @@ class LLMEngine:
         # order, so the n-th engine has the same prefix everywhere.
         LLMEngine._instances += 1
         self._kv_prefix = f"jaxpipe/engine/{LLMEngine._instances}"
+        self._read_no = 0
+        # Processes that hold neither the first nor the last stage get the outputs from process 0.
+        self._relay = self._coordinated and self._needs_relay()
         self._shutdown = False
         self.stats_ = EngineStats()
         self.record_logits = False   # tests: keep float32 logits of prefill positions and generated tokens
@@ -434,10 +437,34 @@ class LLMEngine:
 
     # -- reading results ----------------------------------------------------------------------------------
 
+    def _needs_relay(self) -> bool:
+        import jax
+        S = self.model.layout.stages
+        ends = {d.process_index for s in (0, S - 1) for d in self.model.mesh.devices[s]}
+        return len(ends) < jax.process_count()
+
+    def _fetch(self, outs, from_last: tuple[int, ...]) -> list[np.ndarray]:
+        """The outputs of one dispatch on the host: read from this process's devices, or, on a process
+        holding neither end stage, published by process 0 through the key-value store."""
+        from jaxpipe import distributed
+
+        n, self._read_no = self._read_no, self._read_no + 1
+        if not self._relay:
+            return self.engine.fetch(outs, from_last)
+        key = f"{self._kv_prefix}/out/{n}"
+        if self.engine.readable_stage is None:
+            return _unpack_arrays(distributed.kv_get(key))
+        arrays = self.engine.fetch(outs, from_last)
+        if self._is_coordinator():
+            distributed.kv_set(key, _pack_arrays(arrays))
+            if n >= 64:  # followers lag at most a few dispatches: the device programs keep them in step
+                distributed.kv_delete(f"{self._kv_prefix}/out/{n - 64}")
+        return arrays
+
     def _read(self, item, touched: dict[str, _Request]) -> None:
         kind, owners, payload = item
         if kind == "prefill":
-            tok, lp, rank, top_ids, top_lp, logits, *scores = self.engine.fetch(payload)
+            tok, lp, rank, top_ids, top_lp, logits, *scores = self._fetch(payload, from_last=(5,))
             for i, (s, k, final, a, scoring) in enumerate(owners):
                 if s.done:
                     continue
@@ -452,7 +479,7 @@ class LLMEngine:
                     self._deliver(s, int(tok[i]), float(lp[i]), int(rank[i]), top_ids[i], top_lp[i], touched)
             return
         tick0, outs = payload
-        tok, lp, rank, top_ids, top_lp, live, logits = self.engine.fetch(outs)
+        tok, lp, rank, top_ids, top_lp, live, logits = self._fetch(outs, from_last=(6,))
         b = self.shape.rows
         slots = self.engine.ring.output_slots(tick0, tok.shape[0])
         for j, r in zip(*np.nonzero(live)):
@@ -603,6 +630,21 @@ class LLMEngine:
         while self.has_unfinished_requests():
             self.step()
         self._counter, self.stats_ = counter, stats
+
+
+def _pack_arrays(arrays: list[np.ndarray]) -> str:
+    import base64
+    import io
+    buf = io.BytesIO()
+    np.savez(buf, *arrays)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _unpack_arrays(text: str) -> list[np.ndarray]:
+    import base64
+    import io
+    with np.load(io.BytesIO(base64.b64decode(text))) as f:
+        return [f[f"arr_{i}"] for i in range(len(f.files))]
 
 
 def _encode(kind: str, item) -> list:

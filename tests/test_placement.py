@@ -4,7 +4,7 @@ A tiny checkpoint of 5 layers split over 2 stages as vLLM does ([3, 2]; the seco
 empty slot), alone and with 2 tensor shards per stage:
 - every device's shard of every per-layer parameter holds exactly its stage's layers (in order, zeros in
   the empty slot) and its tensor shard's heads / columns, checked against the checkpoint read with
-  safetensors directly; the embedding is split by rows over all devices;
+  safetensors directly; the embedding lives on the first stage and the lm_head on the last, split by rows over tensor;
 - the per-device bytes of the loaded parameters are what the memory plan says;
 - each device's KV cache shard has the stage's layer slots and KV heads / T;
 - loading reads, for each device, only the tensors of its own stage's layers (and only its own rows of
@@ -109,16 +109,16 @@ def test_parameter_shards_hold_their_stage_layers(stages, tp, checkpoint):
                 else:
                     assert not data[j].any(), f"{name}: the empty slot of stage {s} should be zeros"
 
-    embed = state["model.embed_tokens.weight"]
-    n_dev = stages * tp
-    rows = -(-embed.shape[0] // n_dev)
-    for shard in llm.params["embed"].addressable_shards:
+    # The embedding on the first stage, the lm_head on the last, each split by vocabulary rows over tensor.
+    embed, head = state["model.embed_tokens.weight"], state["lm_head.weight"]
+    rows = -(-embed.shape[0] // tp)
+    for shard in llm.params["ends"].addressable_shards:
         s, t = device_coords(llm.mesh, shard.device)
-        k = s * tp + t                                  # the vocabulary is split over stage x tensor
         data = np.asarray(shard.data)
-        assert data.shape == (rows, H)
-        np.testing.assert_array_equal(data[: max(0, min(rows, embed.shape[0] - k * rows))],
-                                      embed[k * rows:(k + 1) * rows])
+        assert data.shape == (1, rows, H)
+        want = (embed if s == 0 else head)[t * rows:(t + 1) * rows]
+        np.testing.assert_array_equal(data[0, :len(want)], want)
+        assert not data[0, len(want):].any()
 
     # The memory plan's weight bytes are what each device holds.
     plan = partition.plan_memory(llm.cfg, llm.layout, dtype=np.float32, max_model_len=64, batch=1,
@@ -155,8 +155,7 @@ def test_loading_reads_only_each_stage_layers_once(stages, tp, checkpoint):
 
     names = sorted({n for n, layer in (k if isinstance(k, tuple) else (k, None)
                                        for k in reader.tensor_names()) if layer is not None})
-    n_dev = stages * tp
-    per = -(-cfg.vocab_size // n_dev)
+    per = -(-cfg.vocab_size // tp)
     everything = set()
     for s in range(stages):
         stage_set = {(n, layer) for layer in range(OFFSETS[s], OFFSETS[s] + COUNTS[s]) for n in names}
@@ -168,10 +167,12 @@ def test_loading_reads_only_each_stage_layers_once(stages, tp, checkpoint):
             if tp == 1:
                 assert got == stage_set
             union |= got
-            # Vocabulary tensors: each device reads only its own rows, never the whole table.
-            k = s * tp + t
-            (r0, r1), _ = bounds[("embed", None)]
-            assert r0 >= k * per and r1 <= min((k + 1) * per, cfg.vocab_size), (r0, r1)
+            # Vocabulary tensors: the first stage reads its tensor shard's rows of the embedding, the last
+            # its rows of the lm_head, nobody the whole table, nobody else either.
+            vocab = {key: box for key, box in bounds.items() if key[0] in ("embed", "lm_head")}
+            assert set(vocab) == {("embed" if s == 0 else "lm_head", None)}, vocab
+            (r0, r1), _ = next(iter(vocab.values()))
+            assert r0 >= t * per and r1 <= min((t + 1) * per, cfg.vocab_size), (r0, r1)
         assert union == stage_set, f"stage {s} missed {sorted(stage_set - union)}"
         everything |= union
     assert len(everything) == cfg.num_layers * len(names)

@@ -87,8 +87,8 @@ def test_quantize_on_load_equals_whole_matrix(tiny, stages, tensor, partition_):
             assert np.array_equal(_bits(w)[real], _bits(q)[real]), (kind, name)
             assert np.array_equal(np.asarray(s)[real], scale[real]), (kind, name)
         # Everything else is the float model's, in the run dtype.
-        assert got["layers.attn_norm"].dtype == jnp.bfloat16 and got["embed"].dtype == jnp.bfloat16
-        assert np.array_equal(np.asarray(got["embed"]), np.asarray(ref["embed"]).astype(jnp.bfloat16))
+        assert got["layers.attn_norm"].dtype == jnp.bfloat16 and got["ends"].dtype == jnp.bfloat16
+        assert np.array_equal(np.asarray(got["ends"]), np.asarray(ref["ends"]).astype(jnp.bfloat16))
     # Row-split scales are the whole columns' (one copy per tensor shard), column-split ones go with their columns.
     assert partition.param_spec("layers.wo_scale") == partition.P("stage", None)
     assert partition.param_spec("layers.wqkv_scale") == partition.P("stage", "tensor")
@@ -208,7 +208,7 @@ def test_dummy_weights_are_quantized(tiny):
         assert w.sharding == model.param_shardings_flat["layers.w_gate_up"]
         dq = np.asarray(w).astype(np.float32) * np.asarray(s)[:, None, :]
         assert 0.01 < float(dq.std()) < 0.04   # like the float model's normal(0, 0.02)
-        assert p["embed"].dtype == jnp.bfloat16
+        assert p["ends"].dtype == jnp.bfloat16
 
 
 # -- plan: quantized bytes ----------------------------------------------------------------------------------
