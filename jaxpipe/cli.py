@@ -523,7 +523,8 @@ examples:
 
 Prints the per-stage memory of the requested layout (exit status 1 if it does not fit), then every
 layout PP x TP of --devices devices the model allows: memory per device, whether it fits, the decode
-time per token and throughput at --batch from bytes read / memory bandwidth, the largest batch that fits
+time per token and throughput at --batch from bytes read / memory bandwidth plus each collective's
+latency and bytes / link bandwidth (one ppermute between stages per tick), the largest batch that fits
 and its throughput, the prefill pipeline bubble, and a recommendation. The formulas are in
 jaxpipe/planning.py. Nothing is loaded: a checkpoint's config and tensor headers are read, no weights.
 
@@ -536,7 +537,7 @@ numbers were used and where they come from):
   cpu        100 GB/s (a guess), this host's memory
 A GPU's memory counts at the fraction JAX's allocator manages (XLA_PYTHON_CLIENT_MEM_FRACTION, which
 jaxpipe sets to 0.95). Without --device: the first device JAX sees (its kind's bandwidth, the memory it
-reports). --device-memory-gib and --bandwidth-gbps override either number. Of that memory the plan
+reports). --device-memory-gib, --bandwidth-gbps and --link-gbps override them. Of that memory the plan
 uses --gpu-memory-utilization (default 0.9), as LLM(gpu_memory_utilization=0.9) and `jaxpipe bench` do.
 """
 
@@ -566,6 +567,9 @@ def _add_plan(sub) -> None:
     g.add_argument("--bandwidth-gbps", metavar="X", type=positive_float, default=None,
                    help="memory bandwidth per device in GB/s (default: from --device, else the first JAX "
                         "device's kind)")
+    g.add_argument("--link-gbps", metavar="X", type=positive_float, default=None,
+                   help="bandwidth between two devices in GB/s, one direction (default: from --device, e.g. "
+                        "NVLink 4's 450; about 25 between hosts over 200 Gb/s, or PCIe 4 x16)")
     g.add_argument("--gpu-memory-utilization", metavar="F", type=unit_fraction,
                    default=DEFAULT_GPU_MEMORY_UTILIZATION,
                    help="fraction of each device's memory the plan may use, as in LLM "
@@ -623,7 +627,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     visible = jax.devices()
     dev = planning.plan_device(args.device, visible[0], memory_gib=args.device_memory_gib,
-                               bandwidth_gbps=args.bandwidth_gbps,
+                               bandwidth_gbps=args.bandwidth_gbps, link_gbps=args.link_gbps,
                                gpu_memory_utilization=args.gpu_memory_utilization)
     notes = list(dev.notes)
     if args.devices is not None:
@@ -644,7 +648,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"{cfg.num_heads} heads / {cfg.num_kv_heads} KV heads, {dtype_name}"
           f"{f', {quant} decoder weights' if quant else ''}")
     print(f"devices: {devices} x {dev.label}: {mem} each ({dev.memory_source}), {bw:g} GB/s "
-          f"({dev.bandwidth_source})")
+          f"({dev.bandwidth_source}); links {dev.link_gbps:g} GB/s ({dev.link_source})")
     for note in notes:
         print(note)
     print()
@@ -655,7 +659,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(plan.table())
     print()
     rows = planning.compare_layouts(cfg, devices, dtype=dtype, batch=args.batch, max_model_len=max_len,
-                                    device_bytes=device_bytes, bandwidth_gbps=bw, quantization=quant)
+                                    device_bytes=device_bytes, bandwidth_gbps=bw, link_gbps=dev.link_gbps,
+                                    quantization=quant)
     print(planning.format_comparison(rows, batch=args.batch, max_model_len=max_len, dtype=dtype,
                                      bandwidth_gbps=bw, devices=devices, quantization=quant))
     if not plan.fits:

@@ -252,10 +252,7 @@ class LLM:
         if self.reader is None:
             self.params = self.model.random_params(seed)
         else:
-            bar = tqdm(total=len(self.model.param_shardings_flat), desc="loading weights", unit="tensor",
-                       disable=not progress, leave=False)
-            self.params = load_params(self.reader, self.model, progress=lambda _: bar.update())
-            bar.close()
+            self.params = load_params(self.reader, self.model, progress=progress)  # a bar in bytes, GB/s
         self.llm_engine = LLMEngine(
             self.model, self.params, self.tokenizer, max_num_seqs=self.max_num_seqs, max_model_len=max_model_len,
             eos_token_ids=self.eos_token_ids, seed=seed, num_microbatches=num_microbatches,

@@ -12,15 +12,30 @@ microbatch of ``b`` rows::
 
     read_s(b) = L_s * layer_weight_bytes / T                       (its shard of its layers' weights)
               + L_s * b * 2 * kv_heads(T) * ctx * head_dim * dtype_bytes   (K and V of its layers)
-              + padded_vocab * hidden * dtype_bytes / N             (its vocabulary rows of the lm_head)
+              + [s = S-1] * padded_vocab * hidden * dtype_bytes / T   (the last stage: its rows of the lm_head)
 
 ``kv_heads(T)`` is ``num_kv_heads / T``, or 1 when KV heads are replicated (``T > num_kv_heads``). The
-KV term counts the whole static cache (``ctx`` positions): jaxpipe's attention reads all of it, so
-shorter sequences than ``max_model_len`` read less in practice (lower ``max_model_len`` to model them).
+first stage's embedding lookup reads ``b`` rows, which is nothing. The KV term counts ``ctx``
+positions: pass the mean live context to model the attention kernels, which read only live positions.
+
+Communication: a collective costs a latency ``alpha`` plus the bytes each device sends over the link
+between devices (``link`` GB/s one way)::
+
+    comm_s(b) = [S > 1] * (alpha + b * hidden * dtype_bytes / link)     (the ring's one ppermute: the
+                                                     activation, or the sampled token, to the next stage)
+              + [T > 1] * (2 * L_s + [s = 0] + SAMPLER_COLLECTIVES * [s = S-1])
+                        * (alpha + 2 * (T-1)/T * b * hidden * dtype_bytes / link)   (all-reduces in the stage)
+
+Per tick the compiled decode program holds exactly one collective-permute between stages
+(tests/test_collectives.py reads it from the optimized HLO) and, with tensor parallelism, two
+all-reduces per layer (attention and MLP outputs), one for the embedding on the first stage and a few
+small ones of the vocabulary-parallel sampler on the last (``SAMPLER_COLLECTIVES``, its HLO count for
+greedy decoding; their bytes are a few per row and counted as the activation's, an overestimate). The
+logits never cross devices: the last stage samples from its own vocabulary shard.
 
 The ring runs all stages in lock step, so a tick lasts as long as the slowest stage::
 
-    tick(b)  = max_s read_s(b) / bw
+    tick(b)  = max_s (read_s(b) / bw + comm_s(b))
 
 The ``B`` sequences are split into ``M = min(S, B)`` microbatches of ``b = ceil(B / M)`` rows (what
 ``LLM`` does by default). Each sequence passes all ``S`` stages for each token, one per tick, and the
@@ -38,16 +53,15 @@ cache and workspace fit ``device_bytes`` (by :func:`jaxpipe.partition.plan_memor
 ``MAX_BATCH_SEARCH``); "max tok/s" is the throughput at that batch: the layout that leaves most memory
 for the KV cache (no replicated KV heads, no padded stage slots) serves the most sequences at once.
 
-Communication is modelled as a fixed latency ``alpha`` per collective (the messages of decode are a few
-KB, so latency, not bandwidth, is what they cost): every tick has 4 collectives when there are several
-devices (the embedding all-reduce, the broadcast of the last stage's hidden state, the all-gather of
-the logits and the stage-to-stage ppermute), and tensor parallelism adds two all-reduces per layer::
-
-    tick(b) = max_s read_s(b) / bw + alpha * (4 [N > 1] + 2 * max_s L_s [T > 1])
-
 ``alpha`` defaults to ``COLLECTIVE_LATENCY_US``, fitted to Llama-2-70B on 4x H200 (NVLink), 2026-11-27:
 TP4 measured 14.10 ms/token against 9.34 ms of bytes over bandwidth, i.e. about 30 us per all-reduce
-(164 per token); PP2 x TP2 and PP4 agree within 4% with the same value (BENCHMARKS.md).
+(164 per token); PP2 x TP2 and PP4 agree within 4% with the same value (BENCHMARKS.md). Those
+programs had the tick before issue 13 (four collectives spanning every device per tick: the embedding
+all-reduce, the broadcast of the last stage's hidden state, the all-gather of f32 logits, the
+ppermute); this model, counting those four, reproduces them as the old one did, since at batch 1
+the bytes term is nanoseconds on NVLink. What the bytes term is for: slow links. Between hosts
+(``--link-gbps 25``, 200 Gb/s) the old tick's logits gather of 32 rows x 128k vocabulary (16 MB) would
+cost 0.67 ms, and its activation 21 us. ``link`` defaults to the device kind's NVLink (one direction).
 
 ``bw`` and the memory of a device come from :data:`DEVICE_KINDS` (``jaxpipe plan --device``) or from
 the device JAX sees; for the H200 ``bw`` is the copy bandwidth JAX reached there (3689 GB/s, not the
@@ -56,8 +70,7 @@ these estimates. A GPU's memory is counted at the fraction JAX's allocator manag
 (:func:`jax_gpu_memory_fraction`), and a plan may use ``gpu_memory_utilization`` of any device's memory
 (0.9 by default), as ``LLM`` does.
 
-Not modelled: compute (large batches and prefill become compute-bound), bandwidth of the collectives
-(large batches, slow links such as PCIe or between hosts: raise ``alpha`` there), kernel launch
+Not modelled: compute (large batches and prefill become compute-bound), contention on the links, kernel launch
 overheads and the small per-tick work, which is why short ticks come out slower than estimated
 (Llama-2-7B batch 1 on one H200: 4.51 ms measured, 3.62 estimated); the estimates are for ranking
 layouts, and communication cost is what favours pipeline over tensor parallelism across slow links
@@ -78,6 +91,10 @@ from jaxpipe.config import LlamaConfig
 from jaxpipe.errors import LayoutError, UsageError
 
 COLLECTIVE_LATENCY_US = 30.0  # per collective, NVLink H200, measured (see the module docstring)
+# All-reduces of the vocabulary-parallel sampler on the last stage per greedy tick with tensor parallelism
+# (the optimized HLO of the decode program, PP 1 x TP 2, CPU): the argmax and the chosen token's logprob.
+SAMPLER_COLLECTIVES = 3
+CPU_LINK_GBPS = 10.0
 CPU_BANDWIDTH_GBPS = 100.0
 UNKNOWN_BANDWIDTH_GBPS = 100.0
 MAX_BATCH_SEARCH = 4096
@@ -99,6 +116,8 @@ class DeviceKind:
     bandwidth_source: str
     memory_bytes: int | None   # the whole card; None for a CPU (host memory, shared by its devices)
     match: tuple[str, ...]     # substrings of JAX's ``device_kind`` that identify it (all must appear)
+    link_gbps: float = CPU_LINK_GBPS  # device-to-device bandwidth, one direction
+    link_source: str = "a guess for devices of one host without NVLink; pass --link-gbps"
 
 
 # Bandwidth. The H200's is the copy bandwidth JAX's own kernels reached on the lent H200s (a jitted
@@ -110,10 +129,14 @@ class DeviceKind:
 # not measured here: on the H200 JAX's copy reached 77% of the datasheet, so expect slower than planned.
 DEVICE_KINDS: tuple[DeviceKind, ...] = (
     DeviceKind("h200", "H200", 3689.0, "JAX's copy bandwidth measured on an H200; datasheet 4800",
-               143771 * 1024 ** 2, ("h200",)),  # nvidia-smi on the lent H200s: 143771 MiB
-    DeviceKind("h100", "H100 SXM", 3350.0, "H100 SXM datasheet", 80 * _GIB, ("h100",)),
-    DeviceKind("a100", "A100 80GB", 2039.0, "A100 80GB SXM datasheet", 80 * _GIB, ("a100", "80gb")),
-    DeviceKind("a100-40gb", "A100 40GB", 1555.0, "A100 40GB datasheet", 40 * _GIB, ("a100",)),
+               143771 * 1024 ** 2, ("h200",),  # nvidia-smi on the lent H200s: 143771 MiB
+               450.0, "NVLink 4: 900 GB/s both ways, datasheet"),
+    DeviceKind("h100", "H100 SXM", 3350.0, "H100 SXM datasheet", 80 * _GIB, ("h100",),
+               450.0, "NVLink 4: 900 GB/s both ways, datasheet"),
+    DeviceKind("a100", "A100 80GB", 2039.0, "A100 80GB SXM datasheet", 80 * _GIB, ("a100", "80gb"),
+               300.0, "NVLink 3: 600 GB/s both ways, datasheet"),
+    DeviceKind("a100-40gb", "A100 40GB", 1555.0, "A100 40GB datasheet", 40 * _GIB, ("a100",),
+               300.0, "NVLink 3: 600 GB/s both ways, datasheet"),
     DeviceKind("cpu", "CPU", CPU_BANDWIDTH_GBPS,
                "a guess for a CPU (this project's 2-core machine reads 25.6 GB/s); pass --bandwidth-gbps",
                None, ()),
@@ -161,13 +184,16 @@ class PlanDevice:
     bandwidth_gbps: float
     bandwidth_source: str
     notes: tuple[str, ...] = ()
+    link_gbps: float = CPU_LINK_GBPS
+    link_source: str = ""
 
 
 def plan_device(kind: str | None, local_device, *, memory_gib: float | None = None,
-                bandwidth_gbps: float | None = None,
+                bandwidth_gbps: float | None = None, link_gbps: float | None = None,
                 gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION) -> PlanDevice:
-    """Memory and bandwidth per device for a plan: of the named ``kind``, else of ``local_device`` (the
-    first device JAX sees); ``memory_gib`` and ``bandwidth_gbps`` override either.
+    """Memory, bandwidth and link bandwidth per device for a plan: of the named ``kind``, else of
+    ``local_device`` (the first device JAX sees); ``memory_gib``, ``bandwidth_gbps`` and ``link_gbps``
+    override either.
 
     A device's memory is ``memory_gib``, else a named GPU kind's card times
     :func:`jax_gpu_memory_fraction` (what JAX's allocator manages there), else what the device reports
@@ -186,6 +212,13 @@ def plan_device(kind: str | None, local_device, *, memory_gib: float | None = No
         bw, bw_src = chosen.bandwidth_gbps, chosen.bandwidth_source
     else:
         bw, bw_src = UNKNOWN_BANDWIDTH_GBPS, f"unknown device {local_text}: a guess; pass --device or --bandwidth-gbps"
+
+    if link_gbps is not None:
+        link, link_src = float(link_gbps), "--link-gbps"
+    elif chosen is not None:
+        link, link_src = chosen.link_gbps, chosen.link_source
+    else:
+        link, link_src = CPU_LINK_GBPS, f"unknown device {local_text}: a guess; pass --link-gbps"
 
     if memory_gib is not None:
         mem, mem_src = int(memory_gib * _GIB), "--device-memory-gib"
@@ -210,7 +243,7 @@ def plan_device(kind: str | None, local_device, *, memory_gib: float | None = No
                      "plan for GPUs")
     label = chosen.label if chosen is not None else str(getattr(local_device, "device_kind", "device"))
     return PlanDevice(label=label, memory_bytes=mem, memory_source=mem_src, bandwidth_gbps=bw,
-                      bandwidth_source=bw_src, notes=tuple(notes))
+                      bandwidth_source=bw_src, notes=tuple(notes), link_gbps=link, link_source=link_src)
 
 
 def default_bandwidth_gbps(device) -> tuple[float, str]:
@@ -241,27 +274,45 @@ def read_bytes_per_tick(cfg: LlamaConfig, layout: partition.Layout, nbytes: int,
     T = layout.tensor_parallel
     layer_w = partition.layer_bytes_per_shard(cfg, T, nbytes, quantization)
     layer_kv = 2 * rows * partition.kv_heads_per_shard(cfg, T) * max_model_len * cfg.head_dim * nbytes
-    head = layout.padded_vocab(cfg.vocab_size) * cfg.hidden_size * nbytes // layout.num_devices
-    return [n * (layer_w + layer_kv) + head for n in layout.layer_counts]
+    head = layout.padded_vocab(cfg.vocab_size) * cfg.hidden_size * nbytes // T  # the last stage's lm_head rows
+    S = layout.stages
+    return [n * (layer_w + layer_kv) + (head if s == S - 1 else 0) for s, n in enumerate(layout.layer_counts)]
 
 
-def collectives_per_tick(layout: partition.Layout) -> int:
-    """Collectives one device waits for in a decode tick (see the module docstring)."""
-    n = 4 if layout.num_devices > 1 else 0
-    return n + (2 * max(layout.layer_counts) if layout.tensor_parallel > 1 else 0)
+def collectives_per_tick(layout: partition.Layout) -> list[tuple[int, int]]:
+    """Per stage, (collective-permutes between stages, all-reduces inside the stage) one device waits for
+    in a decode tick (see the module docstring)."""
+    S, T = layout.stages, layout.tensor_parallel
+    out = []
+    for s, n in enumerate(layout.layer_counts):
+        reduces = 2 * n + (s == 0) + SAMPLER_COLLECTIVES * (s == S - 1) if T > 1 else 0
+        out.append((int(S > 1), reduces))
+    return out
+
+
+def comm_seconds_per_tick(cfg: LlamaConfig, layout: partition.Layout, nbytes: int, rows: int, *,
+                          link_gbps: float, collective_us: float = COLLECTIVE_LATENCY_US) -> list[float]:
+    """Seconds one device of each stage spends in collectives per tick: a latency each plus its bytes over
+    the link (ring all-reduce: each device sends ``2 (T-1) / T`` of the message)."""
+    T = layout.tensor_parallel
+    act = rows * cfg.hidden_size * nbytes
+    link = link_gbps * 1e9
+    return [p * (collective_us * 1e-6 + act / link) + r * (collective_us * 1e-6 + 2 * (T - 1) / T * act / link)
+            for p, r in collectives_per_tick(layout)]
 
 
 def estimate(cfg: LlamaConfig, layout: partition.Layout, *, dtype, batch: int, max_model_len: int,
              bandwidth_gbps: float, collective_us: float = COLLECTIVE_LATENCY_US,
-             quantization: str | None = None) -> dict[str, float]:
+             link_gbps: float = CPU_LINK_GBPS, quantization: str | None = None) -> dict[str, float]:
     """Decode estimates of one layout at ``batch`` sequences (formulas in the module docstring)."""
     S = layout.stages
     M = min(S, batch)
     b = -(-batch // M)
     bw = bandwidth_gbps * 1e9
     nbytes = partition.dtype_bytes(dtype)
-    tick = max(read_bytes_per_tick(cfg, layout, nbytes, b, max_model_len, quantization)) / bw
-    tick += collectives_per_tick(layout) * collective_us * 1e-6
+    reads = read_bytes_per_tick(cfg, layout, nbytes, b, max_model_len, quantization)
+    comms = comm_seconds_per_tick(cfg, layout, nbytes, b, link_gbps=link_gbps, collective_us=collective_us)
+    tick = max(r / bw + c for r, c in zip(reads, comms))
     latency = S * tick
     return {"microbatches": M, "rows_per_microbatch": b, "tick_ms": tick * 1e3,
             "token_latency_ms": latency * 1e3, "throughput_tok_s": batch / latency,
@@ -289,7 +340,7 @@ def max_batch(cfg: LlamaConfig, layout: partition.Layout, *, dtype, max_model_le
 
 def compare_layouts(cfg: LlamaConfig, devices: int, *, dtype, batch: int, max_model_len: int,
                     device_bytes: int | None, bandwidth_gbps: float,
-                    collective_us: float = COLLECTIVE_LATENCY_US,
+                    collective_us: float = COLLECTIVE_LATENCY_US, link_gbps: float = CPU_LINK_GBPS,
                     quantization: str | None = None) -> list[dict[str, Any]]:
     """Memory and decode estimates for every layout of ``devices`` devices the model allows
     (``quantization``: "int8" / "fp8" decoder matrices, see ``partition.plan_memory``).
@@ -316,13 +367,14 @@ def compare_layouts(cfg: LlamaConfig, devices: int, *, dtype, batch: int, max_mo
                                "layer_counts": list(layout.layer_counts), "plan": plan,
                                "peak_bytes": plan.peak_bytes, "fits": plan.fits}
         row.update(estimate(cfg, layout, dtype=dtype, batch=batch, max_model_len=max_model_len,
-                            bandwidth_gbps=bandwidth_gbps, collective_us=collective_us, quantization=quantization))
+                            bandwidth_gbps=bandwidth_gbps, collective_us=collective_us, link_gbps=link_gbps,
+                            quantization=quantization))
         mb = max_batch(cfg, layout, dtype=dtype, max_model_len=max_model_len, device_bytes=device_bytes,
                        quantization=quantization)
         row["max_batch"] = mb
         row["max_throughput_tok_s"] = (0.0 if mb == 0 else estimate(
             cfg, layout, dtype=dtype, batch=mb, max_model_len=max_model_len, bandwidth_gbps=bandwidth_gbps,
-            collective_us=collective_us, quantization=quantization)["throughput_tok_s"])
+            collective_us=collective_us, link_gbps=link_gbps, quantization=quantization)["throughput_tok_s"])
         rows.append(row)
     return rows
 
@@ -378,6 +430,6 @@ def format_comparison(rows: list[dict[str, Any]], *, batch: int, max_model_len: 
         same = lat is not None and thr["layout"] == lat["layout"]
         lines.append(f"highest throughput: {layout_name(thr)}{' (the same)' if same else ''}: "
                      f"{thr['max_throughput_tok_s']:.1f} tok/s at batch {thr['max_batch']}")
-    lines.append(f"estimates: bytes read per decode step / memory bandwidth + {COLLECTIVE_LATENCY_US:g} us per "
-                 "collective (compute ignored); formulas in jaxpipe/planning.py")
+    lines.append(f"estimates: bytes read per decode step / memory bandwidth + per collective {COLLECTIVE_LATENCY_US:g} "
+                 "us and its bytes / link bandwidth (compute ignored); formulas in jaxpipe/planning.py")
     return "\n".join(lines)

@@ -40,9 +40,13 @@ def reference_params(read, model) -> dict[str, np.ndarray]:
                 _, layer = layout.stage_of_slot(slot)
                 if layer is not None:
                     arr[slot] = layer_value(name, layer).astype(dtype)
-        elif path in ("embed", "lm_head"):
-            src = read("embed" if path == "lm_head" and cfg.tie_word_embeddings else path, None)
-            arr[: cfg.vocab_size] = src.astype(dtype)
+        elif path == "ends":
+            # [stages * E, vocab, H]: the first stage's first slice is the embedding, the last stage's last
+            # the lm_head (the embedding when tied); the other slices are zeros.
+            E = model.end_slices
+            arr[0, : cfg.vocab_size] = read("embed", None).astype(dtype)
+            head = "embed" if cfg.tie_word_embeddings else "lm_head"
+            arr[layout.stages * E - 1, : cfg.vocab_size] = read(head, None).astype(dtype)
         else:
             arr[...] = np.asarray(read(path, None)).astype(dtype)
         out[path] = arr

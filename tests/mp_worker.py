@@ -4,7 +4,7 @@
         --process-id I] [--max-model-len L] [--mode generate|init] [--timeout S]
 
 Prints one line ``MPWORKER {json}``: in ``generate`` mode the greedy tokens per layout (PPxTP) and which
-checkpoint tensors this process read; in ``init`` mode just that ``jaxpipe.distributed.initialize``
+checkpoint tensors this process read, seeded samples and prompt logprobs; in ``init`` mode just that ``jaxpipe.distributed.initialize``
 returned. A jaxpipe error prints ``MPWORKER_ERROR {json}`` (its class and message) and exits with 2.
 Give the process its CPU devices with ``XLA_FLAGS=--xla_force_host_platform_device_count=K``.
 """
@@ -82,15 +82,25 @@ def generate(args) -> dict:
         return reader
 
     llm_mod.open_checkpoint = recording_open
-    results, read_log = {}, {}
+    results, sampled, scored, read_log = {}, {}, {}, {}
     for spec in args.layouts:
         pp, tp = (int(x) for x in spec.split("x"))
         reads.clear()
         llm = LLM(model=args.model, dtype="float32", max_model_len=args.max_model_len,
                   pipeline_parallel_size=pp, tensor_parallel_size=tp, progress=False)
-        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
-        results[spec] = [o.outputs[0].token_ids for o in outs]
+        greedy = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+        seeded = SamplingParams(temperature=0.9, top_k=20, seed=11, max_tokens=args.max_tokens, ignore_eos=True)
+        scoring = SamplingParams(max_tokens=1, prompt_logprobs=3)
+        # One batch mixing greedy, seeded and scoring requests: each must give what it gives alone.
+        prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+        outs = llm.generate(prompts * 3, [greedy] * len(PROMPTS) + [seeded] * len(PROMPTS)
+                            + [scoring] * len(PROMPTS), use_tqdm=False)
+        n = len(PROMPTS)
+        results[spec] = [o.outputs[0].token_ids for o in outs[:n]]
+        sampled[spec] = [o.outputs[0].token_ids for o in outs[n:2 * n]]
+        # Per prompt token after the first: (its id's logprob, the top-3 ids by logprob).
+        scored[spec] = [[[lp[t].logprob, sorted(lp, key=lambda k: -lp[k].logprob)[:3]]
+                         for t, lp in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])] for o in outs[2 * n:]]
         read_log[spec] = list(reads)
     # Idempotent: the same options again are a no-op; other ones are refused, naming the difference.
     reinit = {"same": distributed.initialize(args.coordinator, args.num_processes, args.process_id)}
@@ -101,7 +111,8 @@ def generate(args) -> dict:
             reinit["different"] = str(e)
     return {"reinit": reinit, "process": jax.process_index(), "process_count": jax.process_count(),
             "local_devices": len(jax.local_devices()), "devices": len(jax.devices()),
-            "coordinator": distributed.is_coordinator(), "tokens": results, "reads": read_log}
+            "coordinator": distributed.is_coordinator(), "tokens": results, "sampled": sampled,
+            "scored": scored, "reads": read_log}
 
 
 if __name__ == "__main__":

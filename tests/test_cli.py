@@ -223,8 +223,8 @@ def test_bench_random_weights_look_like_the_model_init():
             assert (a == 1).all(), path
         else:
             assert abs(a.mean()) < 1e-3 and 0.019 < a.std() < 0.021, (path, a.mean(), a.std())
-    wqkv = np.asarray(params["layers.wqkv"])
-    assert not np.allclose(wqkv[:15], wqkv[15:])  # the two stages drew their own values
+    wqkv, n = np.asarray(params["layers.wqkv"]), layout.slots_per_stage
+    assert not np.allclose(wqkv[:layout.layer_counts[1]], wqkv[n:n + layout.layer_counts[1]])  # each stage its own
 
 
 def test_bench_prints_json():
@@ -356,19 +356,21 @@ def test_planning_formulas():
     import ml_dtypes
     import numpy as np
 
-    from jaxpipe import planning
+    from jaxpipe import partition, planning
     from jaxpipe.presets import load_preset
 
     cfg = load_preset("llama-2-70b")
     f16 = np.dtype(np.float16)
-    # Bytes over bandwidth alone first (no collective latency); the latency term is checked below.
+    # Bytes over bandwidth alone first (no collective latency, an infinitely fast link); communication below.
     rows = planning.compare_layouts(cfg, 4, dtype=f16, batch=8, max_model_len=4096, device_bytes=80 << 30,
-                                    bandwidth_gbps=1000.0, collective_us=0.0)
+                                    bandwidth_gbps=1000.0, collective_us=0.0, link_gbps=float("inf"))
     by = {(r["pipeline"], r["tensor"]): r for r in rows}
     assert set(by) == {(4, 1), (2, 2), (1, 4)}
     pp4, tp4 = by[4, 1], by[1, 4]
-    # Same bytes per device; a token passes the 4 stages in turn, so PP4 takes ~4x TP4's time per token.
-    assert pp4["peak_bytes"] == pytest.approx(tp4["peak_bytes"], rel=1e-3)
+    # About the same bytes per device (each PP4 stage holds one whole-vocabulary slice of `ends`, TP4 a quarter
+    # of the embedding and of the lm_head: V * H / 2 more); a token passes the 4 stages in turn, so PP4 takes
+    # ~4x TP4's time per token.
+    assert pp4["peak_bytes"] - tp4["peak_bytes"] == pytest.approx(cfg.vocab_size * cfg.hidden_size, rel=0.05)
     assert 3.5 < pp4["token_latency_ms"] / tp4["token_latency_ms"] < 4.5
     for r in rows:
         assert r["throughput_tok_s"] == pytest.approx(8 / (r["token_latency_ms"] / 1e3))
@@ -381,12 +383,31 @@ def test_planning_formulas():
     assert tp4["tick_ms"] == pytest.approx((80 * (layer + kv) + head) / 1e12 * 1e3, rel=1e-3)
     rec = planning.recommend(rows)
     assert rec["lowest_latency"] is tp4 and rec["highest_throughput"] is tp4
-    # Each tick adds 30 us per collective: 4 per tick on several devices, plus 2 per layer with TP.
-    with_comm = planning.compare_layouts(cfg, 4, dtype=f16, batch=8, max_model_len=4096,
-                                         device_bytes=80 << 30, bandwidth_gbps=1000.0, collective_us=30.0)
+    # Each collective adds 30 us plus its bytes over the link: one ppermute between stages per tick; with
+    # TP, two all-reduces per layer, the embedding's on the first stage and the sampler's on the last.
+    link = 100.0
+    with_comm = planning.compare_layouts(cfg, 4, dtype=f16, batch=8, max_model_len=4096, device_bytes=80 << 30,
+                                         bandwidth_gbps=1000.0, collective_us=30.0, link_gbps=link)
     for r, c in zip(rows, with_comm):
-        n = 4 + (2 * max(r["layer_counts"]) if r["tensor"] > 1 else 0)
-        assert c["tick_ms"] == pytest.approx(r["tick_ms"] + n * 0.030)
+        S, T, b = r["pipeline"], r["tensor"], r["rows_per_microbatch"]
+        act = b * cfg.hidden_size * 2
+        reads = planning.read_bytes_per_tick(cfg, r["layout"], 2, b, 4096)
+        ticks = []
+        for s, (n, read) in enumerate(zip(r["layer_counts"], reads)):
+            comm = (S > 1) * (30e-6 + act / (link * 1e9))
+            if T > 1:
+                k = 2 * n + (s == 0) + planning.SAMPLER_COLLECTIVES * (s == S - 1)
+                comm += k * (30e-6 + 2 * (T - 1) / T * act / (link * 1e9))
+            ticks.append(read / 1e12 + comm)
+        assert c["tick_ms"] == pytest.approx(max(ticks) * 1e3)
+    # PP4's tick crosses stages once: one latency and one activation over the link, nothing else.
+    pp4c = {(r["pipeline"], r["tensor"]): r for r in with_comm}[4, 1]
+    assert pp4c["tick_ms"] - pp4["tick_ms"] == pytest.approx((30e-6 + 2 * cfg.hidden_size * 2 / 100e9) * 1e3)
+    # Only the last stage reads the lm_head (its vocabulary rows over tensor only).
+    per_layer = partition.layer_bytes_per_shard(cfg, 1, 2) + 2 * 2 * cfg.num_kv_heads * 4096 * cfg.head_dim * 2
+    extra = [r - n * per_layer for r, n in zip(planning.read_bytes_per_tick(cfg, pp4["layout"], 2, 2, 4096),
+                                               pp4["layer_counts"])]
+    assert extra[:3] == [0, 0, 0] and extra[3] == pytest.approx(cfg.vocab_size * cfg.hidden_size * 2, rel=1e-3)
     assert 0 < tp4["max_batch"] < planning.MAX_BATCH_SEARCH
     # Heads decide which layouts exist: SmolLM2's 9 heads and 1536 MLP columns rule out TP 2 and 4.
     small = planning.layout_candidates(load_preset("smollm2-135m"), 4)

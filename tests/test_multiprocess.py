@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,6 +209,16 @@ def test_two_processes_match_one_process_and_transformers(tiny_model, workers):
         assert r0["tokens"][spec] == r1["tokens"][spec], f"{spec}: the two processes disagree"
         assert r0["tokens"][spec] == one["result"]["tokens"][spec], f"{spec}: 2 processes != 1 process"
         assert r0["tokens"][spec] == ref, f"{spec}: jaxpipe != transformers greedy"
+        # Seeded sampling: the same on both processes, as one process, and in every layout (noise is a function
+        # of seed, step and token id, not of the layout or the batch).
+        assert r0["sampled"][spec] == r1["sampled"][spec] == one["result"]["sampled"][spec], spec
+        assert r0["sampled"][spec] == r0["sampled"][LAYOUTS[0]], f"{spec}: seeded samples depend on the layout"
+        # Prompt logprobs (issue 16): the same top ids, logprobs within 1e-5 of one process (test_scoring.py
+        # checks one process against transformers).
+        assert r0["scored"][spec] == r1["scored"][spec], f"{spec}: the two processes score differently"
+        for got, want in zip(r0["scored"][spec], one["result"]["scored"][spec]):
+            assert [top for _, top in got] == [top for _, top in want], spec
+            np.testing.assert_allclose([lp for lp, _ in got], [lp for lp, _ in want], atol=1e-5, rtol=0)
 
     # Each process read only its own devices' shards: its stages' layers, its end of the vocabulary tables.
     stage_layers = {"4x1": [{0, 1}, {2, 3}], "2x2": [{0, 1}, {2, 3}]}  # 4 stages of 1 / 2 stages of 2

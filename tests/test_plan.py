@@ -9,6 +9,7 @@ import pytest
 
 from jaxpipe import LLM, partition
 from jaxpipe.config import LlamaConfig
+from jaxpipe.presets import load_preset
 from jaxpipe.errors import LayoutError, MemoryPlanError
 
 TINY = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=6, num_heads=4,
@@ -57,9 +58,16 @@ def test_split_layers_errors():
 
 
 def test_make_layout_automatic_and_manual():
+    # SmolLM2's lm_head (49152 x 576) reads as many bytes per tick as 8 of its layers: the automatic split
+    # moves layers off the last stage until the slowest stage's bytes stop falling (vLLM's is 7, 8, 8, 7).
+    assert partition.split_layers(30, 4) == (7, 8, 8, 7)
     auto = partition.make_layout(SMOLLM2, 4)
-    assert auto.layer_counts == (7, 8, 8, 7) and auto.tensor_parallel == 1
-    assert auto.layer_offsets == (0, 7, 15, 23) and auto.slots_per_stage == 8 and not auto.even
+    assert auto.layer_counts == (9, 9, 10, 2) and auto.tensor_parallel == 1
+    assert auto.layer_offsets == (0, 9, 18, 28) and auto.slots_per_stage == 10 and not auto.even
+    cost = [n + (partition.head_layers(SMOLLM2, 1) if s == 3 else 0) for s, n in enumerate(auto.layer_counts)]
+    assert max(cost) == 10 < 7 + partition.head_layers(SMOLLM2, 1)
+    # Where the head is small against a layer (Llama-2-70B's is 0.31 of one), vLLM's split stays.
+    assert partition.make_layout(load_preset("llama-2-70b"), 4).layer_counts == (20, 20, 20, 20)
 
     manual = partition.make_layout(TINY, 3, 1, [1, 2, 3])
     assert manual.layer_counts == (1, 2, 3)
@@ -129,9 +137,11 @@ def test_plan_numbers_match_hand_computation(stages, tp, kv_per_shard):
     layout = partition.make_layout(TINY, stages, tp)
     plan = partition.plan_memory(TINY, layout, dtype=np.float32, max_model_len=64, batch=3, device_bytes=None)
     devices = stages * tp
-    slots = max(partition.split_layers(6, stages))
-    vocab_rows = -(-256 // devices)                            # embed and lm_head rows per device
-    ends = 2 * vocab_rows * 64 + 64                            # embed + lm_head (untied) + final_norm
+    slots = layout.slots_per_stage
+    vocab_rows = 256 // tp                                     # the vocabulary is split over tensor only
+    # One slice of `ends` per stage (the embedding on the first, the lm_head on the last), two on a single
+    # stage (TINY is untied); plus the final norm.
+    ends = (2 if stages == 1 else 1) * vocab_rows * 64 + 64
     assert len(plan.stages) == stages
     for s, st in enumerate(plan.stages):
         assert st.layers == layout.layer_counts[s] and st.first_layer == layout.layer_offsets[s]
@@ -156,7 +166,7 @@ def test_plan_table_content():
     lines = plan.table().splitlines()
     assert "stage" in lines[0] and "layers" in lines[0] and "weights GiB" in lines[0]
     spans = [line.split()[1] for line in lines[1:5]]
-    assert spans == ["0-6", "7-14", "15-22", "23-29"]          # 7, 8, 8, 7 layers
+    assert spans == ["0-8", "9-17", "18-27", "28-29"]          # 9, 9, 10, 2 layers (the last holds the head)
     gib = 1024 ** 3
     for line, st in zip(lines[1:5], plan.stages):
         cols = line.split()
@@ -174,7 +184,7 @@ def test_plan_too_large_does_not_fit():
     assert "DOES NOT FIT" in plan.table()
     with pytest.raises(MemoryPlanError, match="DOES NOT FIT") as e:
         partition.check_fits(plan)
-    assert "0-14" in str(e.value) and "15-29" in str(e.value)      # the table is in the message
+    assert "0-18" in str(e.value) and "19-29" in str(e.value)      # the table is in the message (19, 11)
     more = partition.plan_memory(SMOLLM2, partition.make_layout(SMOLLM2, 8), dtype=np.float32,
                                  max_model_len=256, batch=1, device_bytes=100 * 1024 ** 2)
     assert more.peak_bytes < plan.peak_bytes                     # more stages: less per device

@@ -30,6 +30,7 @@ import json
 import logging
 import re
 import secrets
+import signal
 import socket
 import time
 import uuid
@@ -771,8 +772,11 @@ def run_server(server: OpenAIServer, sock: socket.socket, *, log_level: str = "i
     re-raises the signal: KeyboardInterrupt for SIGINT)."""
     import uvicorn
 
+    signals: list[int] = []
+
     class _Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
+            signals.append(sig)
             loop = getattr(self, "_jaxpipe_loop", None)
             if loop is not None and not self.should_exit:
                 loop.call_soon_threadsafe(server.begin_shutdown)
@@ -789,3 +793,11 @@ def run_server(server: OpenAIServer, sock: socket.socket, *, log_level: str = "i
     config = uvicorn.Config(build_app(server), log_level=log_level, access_log=access_log,
                             timeout_graceful_shutdown=graceful_timeout_s, lifespan="on")
     _Server(config).run(sockets=[sock])
+    # uvicorn re-raises the signal that stopped it once it is done; when a signal lands while asyncio's own
+    # SIGINT handler is in place, that can be lost and run() returns. Then do it here: the exit status
+    # says a signal ended the server (130 for SIGINT, killed by SIGTERM).
+    if signals:
+        if signals[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signals[0], signal.SIG_DFL)
+        signal.raise_signal(signals[0])
