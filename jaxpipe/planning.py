@@ -91,9 +91,10 @@ from jaxpipe.config import LlamaConfig
 from jaxpipe.errors import LayoutError, UsageError
 
 COLLECTIVE_LATENCY_US = 30.0  # per collective, NVLink H200, measured (see the module docstring)
-# All-reduces of the vocabulary-parallel sampler on the last stage per greedy tick with tensor parallelism
-# (the optimized HLO of the decode program, PP 1 x TP 2, CPU): the argmax and the chosen token's logprob.
-SAMPLER_COLLECTIVES = 3
+# Collectives of the vocabulary-parallel sampler on the last stage per greedy tick with tensor parallelism:
+# 2 all-reduces and 2 all-gathers in the optimized HLO of the decode program (PP 1 x TP 2, CPU; beside the
+# layer loop's 2 all-reduces and the embedding's 1). With top-k/top-p, penalties and logprobs: 11.
+SAMPLER_COLLECTIVES = 4
 CPU_LINK_GBPS = 10.0
 CPU_BANDWIDTH_GBPS = 100.0
 UNKNOWN_BANDWIDTH_GBPS = 100.0
