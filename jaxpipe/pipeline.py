@@ -340,13 +340,40 @@ class PipelineModel:
         off = jax.lax.axis_index(TENSOR) * n if self.tensor_axis else 0
         return off + jnp.arange(n)
 
+    def _per_stage(self, tree):
+        """Buffers each stage fills with its own values, typed as varying over stages (a loop carry keeps
+        its type under check_vma; zeros start out invariant)."""
+        if self.layout.stages == 1:
+            return tree
+        return jax.lax.pcast(tree, STAGE, to="varying")
+
     def _on_last(self, is_last, fn, *args):
         """``fn(*args)`` on the last stage; zeros of the same shapes elsewhere (no lm_head read there)."""
         if self.layout.stages == 1:
             return fn(*args)
+        # zeros_like keeps the shapes' vma too: cond's branches must agree on it (check_vma)
         shapes = jax.eval_shape(fn, *args)
-        return jax.lax.cond(is_last, fn, lambda *_: jax.tree.map(lambda sd: jnp.zeros(sd.shape, sd.dtype), shapes),
-                            *args)
+        return jax.lax.cond(is_last, fn, lambda *_: jax.tree.map(jnp.zeros_like, shapes), *args)
+
+    def _program(self, body: Callable, in_specs, out_specs) -> Callable:
+        """``body`` as an SPMD program over the mesh (``shard_map`` with ``check_vma``), jitted with the state
+        (argument 1) donated and the outputs laid out as ``out_specs`` say.
+
+        The mesh axes of size 1 (one stage, or no tensor parallelism) are left out of the specs given to
+        ``shard_map``: nothing varies over one device, and check_vma would otherwise want a collective over
+        that axis before it calls a result replicated. Each device holds the same data either way.
+        """
+        def manual(spec: P) -> P:
+            def keep(entry):
+                names = tuple(n for n in (entry if isinstance(entry, tuple) else (entry,))
+                              if n is not None and self.mesh.shape[n] > 1)
+                return names if len(names) > 1 else names[0] if names else None
+            return P(*map(keep, spec))
+
+        is_spec = lambda x: isinstance(x, P)  # noqa: E731
+        fn = jax.shard_map(body, mesh=self.mesh, in_specs=jax.tree.map(manual, in_specs, is_leaf=is_spec),
+                           out_specs=jax.tree.map(manual, out_specs, is_leaf=is_spec), check_vma=True)
+        return jax.jit(fn, donate_argnums=(1,))
 
     def _sampler(self, spec: SamplerSpec):
         return make_sampler(spec, vocab_size=self.cfg.vocab_size, axis=self.tensor_axis,
@@ -432,7 +459,7 @@ class PipelineModel:
                 if spec.record_logits:
                     logits = model.logits(y)
                     if tax:
-                        logits = jax.lax.all_gather(logits, tax, axis=2, tiled=True)
+                        logits = jax.lax.all_gather(logits, tax, axis=2, tiled=True, to="invarying")
                     logits = logits[..., :V]
                     logits_buf = _put_rows(logits_buf, fo, jnp.where(done, logits, _rows(logits_buf, fo, bp)))
                 if spec.score:
@@ -458,7 +485,8 @@ class PipelineModel:
                 outs, logits_buf, scores = self._on_last(is_last, head, y, fo, done, outs, logits_buf, scores)
                 return x_next, cache, outs, logits_buf, scores
 
-            x0 = jnp.zeros((bp, C, H), self.dtype)
+            x0, outs, logits_buf, scores = self._per_stage((jnp.zeros((bp, C, H), self.dtype), outs, logits_buf,
+                                                            scores))
             _, cache, outs, logits_buf, scores = jax.lax.fori_loop(
                 0, sched.ticks, tick, (x0, state.cache, outs, logits_buf, scores))
 
@@ -493,12 +521,9 @@ class PipelineModel:
         rep = REPLICATED
         samp_specs = jax.tree.map(lambda _: rep, SamplingTensors(*([0] * 11)))
         out_spec = RULES.spec("per_stage")
-        fn = jax.shard_map(
-            body, mesh=self.mesh,
-            in_specs=(self.param_specs, self._state_specs(), samp_specs, rep, rep, rep, rep, rep, rep, rep),
-            out_specs=(self._state_specs(), (out_spec,) * (len(SAMPLE_OUTPUTS) + 1 + len(SCORE_OUTPUTS))),
-            check_vma=False)
-        return jax.jit(fn, donate_argnums=(1,))
+        return self._program(
+            body, (self.param_specs, self._state_specs(), samp_specs, rep, rep, rep, rep, rep, rep, rep),
+            (self._state_specs(), (out_spec,) * (len(SAMPLE_OUTPUTS) + 1 + len(SCORE_OUTPUTS))))
 
     # -- decode -----------------------------------------------------------------------------------
 
@@ -540,8 +565,11 @@ class PipelineModel:
                                  _rows(pm, mine, b), counts_rows)
                 live_out = live & out_ok
                 live_after = live_out & (step_rows + live_out < end_rows)
-                full = (logits if not tax else jax.lax.all_gather(logits, tax, axis=1, tiled=True))[:, :V] \
-                    if spec.record_logits else jnp.zeros((0,), jnp.float32)
+                if spec.record_logits:
+                    full = logits if not tax else jax.lax.all_gather(logits, tax, axis=1, tiled=True, to="invarying")
+                    full = full[:, :V]
+                else:
+                    full = jnp.zeros((0,), jnp.float32)
                 return res, live_out, live_after, full
 
             def tick(i, carry):
@@ -596,8 +624,9 @@ class PipelineModel:
                 return cache, x_next, live_next, pos_next, tab, counts, outs
 
             shapes = self._sample_shapes(spec.sampler, b, samp)
-            outs = (*(jnp.zeros((ticks,) + sd.shape, sd.dtype) for sd in shapes), jnp.zeros((ticks, b), bool),
-                    jnp.zeros((ticks, b, V) if spec.record_logits else (0,), jnp.float32))
+            outs = self._per_stage((*(jnp.zeros((ticks,) + sd.shape, sd.dtype) for sd in shapes),
+                                    jnp.zeros((ticks, b), bool),
+                                    jnp.zeros((ticks, b, V) if spec.record_logits else (0,), jnp.float32)))
             carry = (state.cache, state.inflight[0], live_in, state.inflight_pos[0], tab, state.counts[0], outs)
             cache, x_in, live_in, pos_in, tab, counts, outs = jax.lax.fori_loop(0, ticks, tick, carry)
             new_state = state._replace(cache=cache, inflight=x_in[None], inflight_live=live_in[None],
@@ -608,10 +637,8 @@ class PipelineModel:
         rep = REPLICATED
         samp_specs = jax.tree.map(lambda _: rep, SamplingTensors(*([0] * 11)))
         out_spec = RULES.spec("per_stage")
-        fn = jax.shard_map(
-            body, mesh=self.mesh, in_specs=(self.param_specs, self._state_specs(), samp_specs, rep),
-            out_specs=(self._state_specs(), (out_spec,) * (len(SAMPLE_OUTPUTS) + 2)), check_vma=False)
-        return jax.jit(fn, donate_argnums=(1,))
+        return self._program(body, (self.param_specs, self._state_specs(), samp_specs, rep),
+                             (self._state_specs(), (out_spec,) * (len(SAMPLE_OUTPUTS) + 2)))
 
 
 def host_array(x: jax.Array, stage: int = 0) -> np.ndarray:

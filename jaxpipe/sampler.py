@@ -38,8 +38,9 @@ def _pmax(x, axis):
 
 
 def _gather(x, axis):
-    """``x [b, k]`` of every shard -> ``[b, shards * k]`` (shard order)."""
-    return jax.lax.all_gather(x, axis, axis=1, tiled=True) if axis else x
+    """``x [b, k]`` of every shard -> ``[b, shards * k]`` (shard order), the same on every shard (typed
+    invariant over ``axis``, which ``shard_map(check_vma=True)`` needs of the replicated results)."""
+    return jax.lax.all_gather(x, axis, axis=x.ndim - 1, tiled=True, to="invarying") if axis else x
 
 
 def _ordered(x):
@@ -48,11 +49,12 @@ def _ordered(x):
     return jnp.where(u >> 31 == 1, ~u, u | jnp.uint32(0x80000000))
 
 
-def _bisect_max(pred, b: int):
+def _bisect_max(pred, like):
     """Per row, the largest uint32 ``t`` with ``pred(t)`` true (``pred`` monotone: true for small ``t``,
-    and true at 0)."""
-    lo = jnp.zeros((b,), jnp.uint32)
-    hi = jnp.full((b,), 0xFFFFFFFF, jnp.uint32)
+    and true at 0). ``like [b]``: the bounds start as arrays like it, so that they vary over the mesh axes
+    the data does (a loop carry must keep its type under ``check_vma``)."""
+    lo = jnp.zeros_like(like, jnp.uint32)
+    hi = jnp.full_like(like, 0xFFFFFFFF, jnp.uint32)
 
     def body(_, lh):
         lo, hi = lh
@@ -81,11 +83,10 @@ def _argmax(x, gid, axis):
 
 def _filter(l, st: SamplingTensors, need_sort: bool, axis, vocab_size: int):
     """Temperature-scaled logits ``l`` -> ``l`` with -inf where top-k / top-p / min-p remove a token."""
-    b = l.shape[0]
     key = _ordered(l)
     if need_sort:
         k = jnp.minimum(st.top_k, vocab_size)
-        kth = _bisect_max(lambda t: _psum(jnp.sum(key >= t[:, None], axis=-1), axis) >= jnp.maximum(k, 1), b)
+        kth = _bisect_max(lambda t: _psum(jnp.sum(key >= t[:, None], axis=-1), axis) >= jnp.maximum(k, 1), key[:, 0])
         kth = jnp.where(k > 0, kth, jnp.uint32(0))
         l = jnp.where(key >= kth[:, None], l, NEG_INF)
         key = _ordered(l)
@@ -94,7 +95,8 @@ def _filter(l, st: SamplingTensors, need_sort: bool, axis, vocab_size: int):
         e = jnp.exp(l - m[:, None])
         z = _psum(jnp.sum(e, axis=-1), axis)
         budget = (1 - st.top_p) * z
-        pth = _bisect_max(lambda t: _psum(jnp.sum(jnp.where(key < t[:, None], e, 0.0), axis=-1), axis) <= budget, b)
+        pth = _bisect_max(lambda t: _psum(jnp.sum(jnp.where(key < t[:, None], e, 0.0), axis=-1), axis) <= budget,
+                          key[:, 0])
         pth = jnp.where(st.top_p < 1, pth, jnp.uint32(0))
         l = jnp.where(key >= pth[:, None], l, NEG_INF)
     # min-p: keep p_i >= min_p * p_max (top-k/top-p renormalisation does not change p_i / p_max)
@@ -152,9 +154,7 @@ def token_stats(raw, tokens, lse, gid, K: int, axis):
     rank = _psum(jnp.sum(raw >= chosen[..., None], axis=-1, dtype=jnp.int32), axis)
     if K:
         top_l, top_i = jax.lax.top_k(raw, min(K, raw.shape[-1]))
-        all_l = jax.lax.all_gather(top_l, axis, axis=top_l.ndim - 1, tiled=True) if axis else top_l
-        gi = gid[top_i]
-        all_i = jax.lax.all_gather(gi, axis, axis=gi.ndim - 1, tiled=True) if axis else gi
+        all_l, all_i = _gather(top_l, axis), _gather(gid[top_i], axis)
         best_l, pos = jax.lax.top_k(all_l, K)
         top_ids = jnp.take_along_axis(all_i, pos, axis=-1).astype(jnp.int32)
         top_lp = best_l - lse[..., None]

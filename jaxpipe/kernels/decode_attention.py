@@ -22,6 +22,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxpipe.kernels import out_struct
+
 # Added to masked attention scores; finite so that a row with nothing to attend to stays NaN-free.
 MASK_VALUE = -1e30
 IMPLS = ("xla", "pallas")
@@ -90,6 +92,7 @@ def _pallas_decode_attention(qg, k_cache, v_cache, layer, row0, lengths, *, inte
     splits = -(-positions // SPLIT)
     g_pad = max(MIN_GROUP, 1 << (group - 1).bit_length())
     meta = jnp.stack([jnp.asarray(layer, jnp.int32), jnp.asarray(row0, jnp.int32)])
+    args = (qg, k_cache, v_cache, lengths.astype(jnp.int32), meta)
     kernel = functools.partial(_kernel, group=group, g_pad=g_pad, positions=positions, scale=d ** -0.5)
     params = {}
     if not interpret:
@@ -111,14 +114,14 @@ def _pallas_decode_attention(qg, k_cache, v_cache, layer, row0, lengths, *, inte
             pl.BlockSpec((None, None, None, g_pad), lambda r, h, s: (r, h, s, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((b, n_kv, splits, group, d), jnp.float32),
-            jax.ShapeDtypeStruct((b, n_kv, splits, group), jnp.float32),
-            jax.ShapeDtypeStruct((b, n_kv, splits, group), jnp.float32),
+            out_struct((b, n_kv, splits, group, d), jnp.float32, *args),
+            out_struct((b, n_kv, splits, group), jnp.float32, *args),
+            out_struct((b, n_kv, splits, group), jnp.float32, *args),
         ],
         interpret=interpret,
         name="jaxpipe_decode_attention",
         **params,
-    )(qg, k_cache, v_cache, lengths.astype(jnp.int32), meta)
+    )(*args)
     # Combine the splits' partial results (flash decoding): empty splits have m = -inf-ish and l = 0.
     m_all = jnp.max(m, axis=2, keepdims=True)
     w = jnp.exp(m - m_all)                                         # [b, kv, splits, g]

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jaxpipe.kernels import out_struct
 from jaxpipe.quantize import kind_of
 
 try:  # the Triton backend's own API (present in jax 0.10 and 0.11)
@@ -293,7 +294,7 @@ def quant_matmul_pallas(x: jax.Array, w: jax.Array, scale: jax.Array, layer, cfg
         aliases = {4: 0}
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(out_shape, out_dtype),
+        out_shape=out_struct(out_shape, out_dtype, *args),
         grid=(n // cfg.bn, cfg.split_k, mp // cfg.bm),
         compiler_params=params,
         interpret=interpret,
