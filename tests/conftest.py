@@ -9,7 +9,14 @@ import tempfile
 
 _flags = os.environ.get("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count=8" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+    _flags += " --xla_force_host_platform_device_count=8"
+# Tests compile hundreds of tiny programs whose run time is nothing: XLA:CPU without LLVM's expensive
+# optimisations compiles them about a third faster (measured on the 2-core machine: 17.4 -> 11.4 s for a
+# PP2 scoring test). Results are checked against transformers all the same.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"  # for subprocesses too
+if "xla_backend_optimization_level" not in _flags:
+    _flags += " " + FAST_COMPILE
+os.environ["XLA_FLAGS"] = _flags.strip()
 if not os.environ.get("JAXPIPE_CACHE"):
     # The default model is converted into $JAXPIPE_CACHE; never into the user's home during tests.
     _CACHE = tempfile.TemporaryDirectory(prefix="jaxpipe-test-cache-")

@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
 import pytest
 
 from jaxpipe import cli
+from conftest import FAST_COMPILE
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The capital of France is"
@@ -80,7 +81,7 @@ def test_generate_pipeline_prompts_file_output(cache, reference, tmp_path):
     out = tmp_path / "out.jsonl"
     proc = run(["generate", "--prompts-file", "prompts.txt", "--output", str(out), "--max-tokens", "8",
                 "--pipeline-parallel-size", "2"],
-               {**cache["env"], "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, cwd=tmp_path)
+               {**cache["env"], "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}"}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 2

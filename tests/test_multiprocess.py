@@ -28,6 +28,7 @@ _T_START: float | None = None  # set when the module's first test starts, not at
 
 sys.path.insert(0, str(WORKER.parent))
 from mp_worker import PROMPTS  # noqa: E402
+from conftest import FAST_COMPILE
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,7 +54,7 @@ def free_port() -> int:
 
 def worker_env(devices: int) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAXPIPE_") and "proxy" not in k.lower()}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONUNBUFFERED"] = "1"
     env["HF_HUB_OFFLINE"] = "1"

@@ -35,6 +35,7 @@ openai = pytest.importorskip("openai", reason="openai is a test dependency (pip 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from jaxpipe import LLM, SamplingParams  # noqa: E402
+from conftest import FAST_COMPILE
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -55,7 +56,7 @@ def _env(devices: int | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAXPIPE_") and "proxy" not in k.lower()}
     env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TF_CPP_MIN_LOG_LEVEL="2", **_CACHE)
     if devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
     if "JAXPIPE_CACHE" in os.environ:
         env["JAXPIPE_CACHE"] = os.environ["JAXPIPE_CACHE"]
     return env
