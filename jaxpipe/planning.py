@@ -207,19 +207,16 @@ def plan_device(kind: str | None, local_device, *, memory_gib: float | None = No
     notes: list[str] = []
     local_text = f"{getattr(local_device, 'device_kind', '?')} ({getattr(local_device, 'platform', '?')})"
 
-    if bandwidth_gbps is not None:
-        bw, bw_src = float(bandwidth_gbps), "--bandwidth-gbps"
-    elif chosen is not None:
-        bw, bw_src = chosen.bandwidth_gbps, chosen.bandwidth_source
-    else:
-        bw, bw_src = UNKNOWN_BANDWIDTH_GBPS, f"unknown device {local_text}: a guess; pass --device or --bandwidth-gbps"
+    def rate(given, flag, field, unknown, fix):  # (GB/s, where it comes from): a flag, the kind, or a guess
+        if given is not None:
+            return float(given), flag
+        if chosen is not None:
+            return getattr(chosen, field + "_gbps"), getattr(chosen, field + "_source")
+        return unknown, f"unknown device {local_text}: a guess; pass {fix}"
 
-    if link_gbps is not None:
-        link, link_src = float(link_gbps), "--link-gbps"
-    elif chosen is not None:
-        link, link_src = chosen.link_gbps, chosen.link_source
-    else:
-        link, link_src = CPU_LINK_GBPS, f"unknown device {local_text}: a guess; pass --link-gbps"
+    bw, bw_src = rate(bandwidth_gbps, "--bandwidth-gbps", "bandwidth", UNKNOWN_BANDWIDTH_GBPS,
+                      "--device or --bandwidth-gbps")
+    link, link_src = rate(link_gbps, "--link-gbps", "link", CPU_LINK_GBPS, "--link-gbps")
 
     if memory_gib is not None:
         mem, mem_src = int(memory_gib * _GIB), "--device-memory-gib"

@@ -13,7 +13,7 @@ import os
 import sys
 
 from jaxpipe import distributed
-from jaxpipe.argtypes import positive_int
+from jaxpipe.argtypes import positive_int, unit_fraction
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -44,16 +44,6 @@ def _log_level(text: str) -> str:
     return text.lower()
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
-    return value
-
-
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -74,7 +64,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group = add_model_arguments(parser)
     group.add_argument("--max-num-seqs", metavar="N", type=positive_int, default=64,
                        help="sequences decoded at once (engine slots); more wait in the queue (default: 64)")
-    group.add_argument("--gpu-memory-utilization", metavar="F", type=_fraction, default=0.9,
+    group.add_argument("--gpu-memory-utilization", metavar="F", type=unit_fraction, default=0.9,
                        help="fraction of each device's memory the engine may use (default: 0.9)")
     group.add_argument("--seed", metavar="N", type=int, default=0,
                        help="seeds the requests that carry no seed of their own (default: 0)")
