@@ -37,6 +37,7 @@ from jaxpipe.engine import Engine
 from jaxpipe.kernels.decode_attention import default_impl
 from jaxpipe.pipeline import (DecodeSpec, EngineShape, PipelineModel, PrefillBatch, PrefillSpec,
                               flatten_paths)
+from jaxpipe.quantize import QUANT_KINDS
 from jaxpipe.sampling import SamplerSpec, SamplingTable
 from jaxpipe.presets import load_preset, preset_names
 
@@ -63,7 +64,8 @@ def bench_cache_len(prompt_len: int, new_tokens: int) -> int:
 
 def check_memory(cfg: LlamaConfig, layout: partition.Layout, *, dtype, batch: int, cache_len: int,
                  device_bytes: int | None = None, preset: str | None = None,
-                 gpu_memory_utilization: float = planning.DEFAULT_GPU_MEMORY_UTILIZATION) -> partition.MemoryPlan:
+                 gpu_memory_utilization: float = planning.DEFAULT_GPU_MEMORY_UTILIZATION,
+                 quantization: str | None = None) -> partition.MemoryPlan:
     """The memory plan of one benchmark run (all ``batch`` rows, a ``cache_len``-position cache), by the
     same :func:`jaxpipe.partition.plan_memory` against the same budget (``gpu_memory_utilization`` of the
     device's memory) as ``LLM`` and ``jaxpipe plan``; raises :class:`MemoryPlanError` (one line) when it
@@ -75,12 +77,13 @@ def check_memory(cfg: LlamaConfig, layout: partition.Layout, *, dtype, batch: in
         device_bytes = partition.device_memory_bytes(device)
     budget = None if device_bytes is None else int(device_bytes * gpu_memory_utilization)
     plan = partition.plan_memory(cfg, layout, dtype=dtype, max_model_len=cache_len, batch=batch,
-                                 device_bytes=budget)
+                                 device_bytes=budget, quantization=quantization)
     if not plan.fits:
         gib = 1024 ** 3
         name = np.dtype(dtype).name
         plan_cmd = (f"jaxpipe plan {preset or 'MODEL'} -pp {layout.stages} -tp {layout.tensor_parallel} "
-                    f"--batch {batch} --max-model-len {cache_len} --dtype {name}")
+                    f"--batch {batch} --max-model-len {cache_len} --dtype {name}"
+                    + (f" --quantization {quantization}" if quantization else ""))
         raise MemoryPlanError(
             f"PP{layout.stages} x TP{layout.tensor_parallel} with {batch} rows x {cache_len} positions in {name} "
             f"needs {plan.peak_bytes / gib:.2f} GiB per device, but {gpu_memory_utilization:g} "
@@ -162,17 +165,18 @@ def random_array_program(sharding: NamedSharding, shape: tuple[int, ...], dtype,
 
 def bench(cfg: LlamaConfig, *, pp: int, tp: int, microbatches: int, batch: int, prompt_len: int,
           new_tokens: int, dtype, unroll, bandwidth_gbps: float | None, seed: int = 0,
-          attention: str | None = None,
+          attention: str | None = None, quantization: str | None = None,
           gpu_memory_utilization: float = planning.DEFAULT_GPU_MEMORY_UTILIZATION) -> dict:
     """Prefill and decode timings of one layout and batch on random weights, as a JSON-able dict
-    (``tick_ms``, ``token_latency_ms``, ``aggregate_tok_s``, ``prefill_ms``, ``mbu`` ...)."""
+    (``tick_ms``, ``token_latency_ms``, ``aggregate_tok_s``, ``prefill_ms``, ``mbu`` ...).
+    ``quantization`` ("int8", "fp8"): random 8-bit decoder matrices with scales; ``mbu`` counts their bytes."""
     layout = partition.make_layout(cfg, pp, tp)
     M, b = microbatches, batch
     cache_len = bench_cache_len(prompt_len, new_tokens)
     plan = check_memory(cfg, layout, dtype=dtype, batch=M * b, cache_len=cache_len,  # before allocating
-                        gpu_memory_utilization=gpu_memory_utilization)
+                        gpu_memory_utilization=gpu_memory_utilization, quantization=quantization)
     mesh = partition.make_mesh(layout)
-    pm = PipelineModel(cfg, layout, mesh, dtype, unroll=unroll)
+    pm = PipelineModel(cfg, layout, mesh, dtype, unroll=unroll, quantization=quantization)
     t0 = time.perf_counter()
     params = random_params(pm, seed)
     jax.block_until_ready(params)
@@ -222,15 +226,16 @@ def bench(cfg: LlamaConfig, *, pp: int, tp: int, microbatches: int, batch: int, 
     # Bytes per tick of the busiest device, from the same model as `jaxpipe plan`: with the KV cache at
     # the mean context (what must be read) and at the whole static cache (what attention reads).
     nbytes = np.dtype(dtype).itemsize
-    weights_per_device = max(planning.read_bytes_per_tick(cfg, layout, nbytes, b, 0))
-    bytes_min = max(planning.read_bytes_per_tick(cfg, layout, nbytes, b, prompt_len + new_tokens / 2))
-    bytes_read = max(planning.read_bytes_per_tick(cfg, layout, nbytes, b, cache_len))
+    weights_per_device = max(planning.read_bytes_per_tick(cfg, layout, nbytes, b, 0, quantization))
+    bytes_min = max(planning.read_bytes_per_tick(cfg, layout, nbytes, b, prompt_len + new_tokens / 2,
+                                                 quantization))
+    bytes_read = max(planning.read_bytes_per_tick(cfg, layout, nbytes, b, cache_len, quantization))
     kv_min = bytes_min - weights_per_device
     result = {
         "bench": "jaxpipe_decode", "device": jax.devices()[0].device_kind, "n_devices": layout.num_devices,
         "pp": pp, "tp": tp, "microbatches": M, "batch_per_microbatch": b, "ring_slots": R,
         "layer_counts": list(layout.layer_counts), "prompt_len": prompt_len, "cache_len": cache_len,
-        "dtype": str(np.dtype(dtype)), "unroll": unroll,
+        "dtype": str(np.dtype(dtype)), "quantization": quantization, "unroll": unroll,
         "tick_ms": tick_s * 1e3, "token_latency_ms": tick_s * R * 1e3,
         "aggregate_tok_s": M * b / (tick_s * R),
         "prefill_ms": prefill_s * 1e3, "prefill_tok_s": M * b * prompt_len / prefill_s,
@@ -261,6 +266,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--prompt-len", type=positive_int, default=128, help="prompt tokens (default: 128)")
     parser.add_argument("--new-tokens", type=positive_int, default=128, help="decode steps (default: 128)")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES, help="default: bfloat16")
+    parser.add_argument("--quantization", default=None, choices=QUANT_KINDS,
+                        help="8-bit decoder weights with per-channel scales, as LLM(quantization=...) (default: none)")
     parser.add_argument("--unroll", default="1", type=_unroll, help="layer-loop unroll: an int, or 'full'")
     parser.add_argument("--bandwidth-gbps", type=positive_float, default=None,
                         help="memory bandwidth (GB/s) to compute utilisation (mbu) against")
@@ -307,7 +314,8 @@ def run_bench(args: argparse.Namespace) -> int:
                               f"{len(devices)} {devices[0].platform} device(s){hint}")
         for b in args.batch:
             check_memory(cfg, layout, dtype=dtype, batch=(args.microbatches or pp) * b, cache_len=cache_len,
-                         preset=args.preset, gpu_memory_utilization=args.gpu_memory_utilization)
+                         preset=args.preset, gpu_memory_utilization=args.gpu_memory_utilization,
+                         quantization=args.quantization)
     weight_gb = cfg.param_count() * dtype.itemsize / 1e9
     if devices[0].platform == "cpu" and weight_gb > 4:
         print(f"jaxpipe bench: note: {args.preset} is {weight_gb:.1f} GB of {dtype.name} weights; on a CPU each "
@@ -323,7 +331,7 @@ def run_bench(args: argparse.Namespace) -> int:
             r = bench(cfg, pp=pp, tp=args.tp, microbatches=args.microbatches or pp, batch=b,
                       prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=dtype,
                       unroll=unroll, bandwidth_gbps=bw, attention=args.attention,
-                      gpu_memory_utilization=args.gpu_memory_utilization)
+                      quantization=args.quantization, gpu_memory_utilization=args.gpu_memory_utilization)
             r["preset"] = args.preset
             print(json.dumps(r), flush=True)
             gc.collect()  # free this layout's weights and cache before the next one is built

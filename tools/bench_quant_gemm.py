@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--stack-shipped", action="store_true", help="also time layer_matmul's own choice")
     ap.add_argument("--stack-xla", action="store_true", help="also time XLA's 8-bit path at m=1")
+    ap.add_argument("--prefill-fold", action="store_true", help="also time the scale folded into bf16 weights")
     args = ap.parse_args()
     t_start = time.perf_counter()
     left = lambda: args.budget_s - (time.perf_counter() - t_start)  # noqa: E731
@@ -381,13 +382,40 @@ def stack(emit, jax, jnp, qm, weights, shapes, L, args, best, interpret, timed, 
         wl = (w[l].astype(jnp.float32) * s[l]).astype(x.dtype)
         return jnp.einsum("...k,kn->...n", x, wl)
 
+    def w8a8(precision):
+        """fp8 x fp8 through XLA (cuBLASLt's fp8 GEMM on Hopper): each row of x in e4m3 with its own scale."""
+        def mm(g, x, w, s, l):
+            q, xs = qm.quantize_rows_fp8(x)
+            y = jax.lax.dot_general(q, w[l], (((1,), (0,)), ((), ())), precision=precision,
+                                    preferred_element_type=jnp.float32)
+            return (y * xs[:, None] * s[l]).astype(x.dtype)
+        return mm
+
+    def w8a8_check(mm, x, w, s, l):
+        """Max error over the bound of the tool's check, against the float32 product of the quantized rows."""
+        q, xs = qm.quantize_rows_fp8(x)
+        xf = q.astype(jnp.float32) * xs[:, None]
+        wl = w[l].astype(jnp.float32)
+        hp = jax.lax.Precision.HIGHEST
+        ref = jnp.matmul(xf, wl, precision=hp) * s[l]
+        mag = jnp.matmul(jnp.abs(xf), jnp.abs(wl), precision=hp) * s[l]
+        y = jax.jit(lambda x, w, s, l: mm("g", x, w, s, l))(x, w, s, l).astype(jnp.float32)
+        return float(jnp.max(jnp.abs(y - ref) / (2.0 ** -8 * jnp.abs(ref) + 2.0 ** -14 * mag + 1e-30)))
+
     for m in args.prefill_m:
         x = jax.random.normal(jax.random.PRNGKey(200 + m), (m, H), jnp.float32).astype(jnp.bfloat16)
         for kd in ["bf16"] + list(args.kinds):
             ws = {g: weights[g, kd] for g in names}
             vs = [("layer_matmul", lambda g, x, w, s, l: qm.layer_matmul(x, w, s, l))]
-            if kd != "bf16":
+            if kd != "bf16" and args.prefill_fold:
                 vs.append(("fold_scale_bf16", fold_scale))
+            if kd == "fp8":
+                vs += [("w8a8_xla_highest", w8a8(jax.lax.Precision.HIGHEST)),
+                       ("w8a8_xla_default", w8a8(None))]
+                for vname, mm in vs[-2:]:
+                    g = "gate_up"
+                    emit(section="prefill_check", m=m, kind=kd, variant=vname, gemm=g,
+                         ratio=w8a8_check(mm, x if g != "down" else None, *ws[g], L - 1))
             for vname, mm in vs:
                 if left() < 10:
                     emit(section="prefill", m=m, kind=kd, variant=vname, skipped="budget")
