@@ -225,7 +225,7 @@ def test_pallas_kernel_interpret_in_fori_loop_and_shard_map(kind):
 
 def test_config_for_covers_llama_decode_shapes():
     shapes = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (5504, 4096), (4096, 6144)]
-    for m in (1, 2, 8, 16, 17, 32, 64):
+    for m in (1, 2, 8, 16, 17, 32, 64, 100, 128):
         for k, n in shapes:
             for dt in (jnp.int8, jnp.float8_e4m3fn):
                 cfg = qm.config_for(m, k, n, dt)

@@ -62,9 +62,6 @@ class GemmConfig:
     convert: str = "native"
     prefetch: bool = False
     evict: bool = False
-    layout: str = "kn"  # "kn": the stack is [L, K, N]; "nk": [L, N, K] (K contiguous, HF's own layout)
-    act: str = "same"  # "same": activations as given; "fp8": rows quantized to e4m3 (W8A8, fp8 weights only)
-    m_major: bool = False  # row tiles vary fastest over the grid (weight tiles shared in L2: prefill-sized m)
 
     def fits(self, m: int, k: int, n: int) -> bool:
         """Whether this tiling covers a ``[m, k] @ [k, n]`` problem exactly (rows are padded to ``bm``)."""
@@ -74,10 +71,9 @@ class GemmConfig:
 
 
 # Rows above which XLA's convert-then-cuBLAS is used: prefill-sized matmuls are compute bound and cuBLAS runs
-# them at tensor-core speed. Measured on an H200 (BENCHMARKS.md, 2026-12-01): at 64 rows the kernel's 4-matmul
-# stack takes 5.1 ms against XLA's 12.9 ms; at 2048 rows XLA's path is 1.16-1.21x bf16. The crossover between
-# is not measured.
-MAX_KERNEL_ROWS = 64
+# them at tensor-core speed. Measured on an H200 (BENCHMARKS.md, 2026-12-01/02), Llama-2-7B's 4-matmul stack
+# over 32 layers: 128 rows, kernel 9.4 ms (int8) against XLA's 12.9 ms; 256 rows, kernel 17.8 ms against 14.3.
+MAX_KERNEL_ROWS = 128
 
 _MAGIC_I32 = 0x4B000080  # bits of 2**23 + 128 in float32
 _MAGIC_F32 = float(2 ** 23 + 128)
@@ -242,89 +238,9 @@ def _kernel(layer_ref, x_ref, w_ref, s_ref, o_ref, *, cfg: GemmConfig, m: int, k
         dst[...] = out
 
 
-def _kernel_nk(layer_ref, x_ref, w_ref, s_ref, xs_ref, o_ref, *, cfg: GemmConfig, m: int, k: int, paired: bool,
-               wdtype, cdtype, split_out: bool):
-    """The same product with the stack stored ``[L, N, K]``: weight tiles are ``[bn, bk]``, K contiguous.
-
-    "gemv" (one row) reduces each tile along its contiguous axis; "dot_t" puts the converted weight on the
-    left of the tensor-core product (``acc[bn, bm] += w @ x.T``: Hopper's wgmma takes the left operand from
-    registers, so the converted tile never goes back through shared memory); "dot" is ``x @ w.T``.
-    ``xs_ref``: per-row activation scales when ``cfg.act == "fp8"`` (the tile product is then fp8 x fp8),
-    else unused."""
-    bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
-    jn, js, jm = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    if cfg.m_major:
-        jn, jm = jm, jn
-    layer = layer_ref[0]
-    n0 = pl.multiple_of(jn * bn, bn)
-    m0 = pl.multiple_of(jm * bm, bm)
-    steps = k // cfg.split_k // bk
-    kbase = js * (k // cfg.split_k)
-    native = cfg.act == "fp8"
-
-    def k_at(t):
-        return pl.multiple_of(kbase + t * bk, bk)
-
-    def load(t):
-        cols = pl.ds(k_at(t) // 2, bk // 2) if paired else pl.ds(k_at(t), bk)
-        ref = w_ref.at[layer, pl.ds(n0, bn), cols]
-        if cfg.evict and plgpu is not None:
-            return plgpu.load(ref, eviction_policy="evict_first")
-        return ref[...]
-
-    def step(t, raw, acc):
-        w = _unpack(raw, bn, bk, paired, wdtype, widen=cfg.convert == "magic")
-        k0 = k_at(t)
-        if cfg.form == "gemv":
-            w = _convert(w, jnp.float32, cfg.convert)
-            xk = x_ref[0, pl.ds(k0, bk)].astype(jnp.float32)
-            return acc + jnp.sum(w * xk[None, :], axis=1)
-        xt = x_ref[pl.ds(m0, bm), pl.ds(k0, bk)]
-        if not native:
-            w = _convert(w, cdtype, cfg.convert)
-            xt = xt.astype(cdtype)
-        dims = (((1,), (1,)), ((), ()))
-        if cfg.form == "dot_t":
-            return acc + jax.lax.dot_general(w, xt, dims, preferred_element_type=jnp.float32)
-        return acc + jax.lax.dot_general(xt, w, dims, preferred_element_type=jnp.float32)
-
-    shape = {"gemv": (bn,), "dot_t": (bn, bm), "dot": (bm, bn)}[cfg.form]
-    acc = jnp.zeros(shape, jnp.float32)
-    if cfg.prefetch and steps > 1:
-        def body(t, carry):
-            acc, raw = carry
-            return step(t, raw, acc), load(t + 1)
-
-        acc, raw = jax.lax.fori_loop(0, steps - 1, body, (acc, load(0)))
-        acc = step(steps - 1, raw, acc)
-    else:
-        acc = jax.lax.fori_loop(0, steps, lambda t, acc: step(t, load(t), acc), acc)
-    out = {"gemv": lambda a: a[None, :], "dot_t": lambda a: a.T, "dot": lambda a: a}[cfg.form](acc)
-    out = out * s_ref[layer, pl.ds(n0, bn)][None, :]
-    if native:
-        out = out * xs_ref[pl.ds(m0, bm)][:, None]
-    out = out.astype(o_ref.dtype)
-    block = (pl.ds(m0, bm), pl.ds(n0, bn))
-    dst = o_ref.at[(js, *block) if split_out else block]
-    if m % bm:
-        rows = m0 + jax.lax.broadcasted_iota(jnp.int32, (bm, bn), 0)
-        plgpu.store(dst, out, mask=rows < m)
-    else:
-        dst[...] = out
-
-
-def quantize_rows_fp8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Each row of ``x[M, K]`` in float8_e4m3fn with its own float32 scale (amax / 448): ``x ~ q * s``."""
-    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)
-    s = jnp.where(amax > 0, amax / 448.0, 1.0)
-    q = (x.astype(jnp.float32) / s[:, None]).astype(jnp.float8_e4m3fn)
-    return q, s
-
-
-def _poisoned(kernel, layer_ref, x_ref, w_ref, s_ref, *rest):
-    *inputs, init_ref, o_ref = rest
+def _poisoned(kernel, layer_ref, x_ref, w_ref, s_ref, init_ref, o_ref):
     del init_ref  # aliased with o_ref: what the kernel does not write stays NaN
-    kernel(layer_ref, x_ref, w_ref, s_ref, *inputs, o_ref)
+    kernel(layer_ref, x_ref, w_ref, s_ref, o_ref)
 
 
 def needs_pairs(w) -> bool:
@@ -347,11 +263,7 @@ def quant_matmul_pallas(x: jax.Array, w: jax.Array, scale: jax.Array, layer, cfg
     output buffer as NaN (checks that every element is written).
     """
     lead, k = x.shape[:-1], x.shape[-1]
-    nk = cfg.layout == "nk"
-    if nk:
-        num_layers, n, kw = w.shape
-    else:
-        num_layers, kw, n = w.shape
+    num_layers, kw, n = w.shape
     if kw != k or scale.shape != (num_layers, n):
         raise ValueError(f"layer_matmul: x {x.shape}, w {w.shape} and scale {scale.shape} do not match")
     m = math.prod(lead)
@@ -364,37 +276,25 @@ def quant_matmul_pallas(x: jax.Array, w: jax.Array, scale: jax.Array, layer, cfg
     paired = needs_pairs(w) if paired is None else paired
     wv = w
     if paired:
-        inner = w.shape[-1]
         wv = jax.lax.bitcast_convert_type(
-            jax.lax.bitcast_convert_type(w, jnp.int8).reshape(*w.shape[:-1], inner // 2, 2), jnp.int16)
+            jax.lax.bitcast_convert_type(w, jnp.int8).reshape(num_layers, k, n // 2, 2), jnp.int16)
     cdtype = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
     split_out = cfg.split_k > 1
     out_shape = (cfg.split_k, mp, n) if split_out else (mp, n)
     out_dtype = jnp.float32 if split_out else x.dtype
-    common = dict(cfg=cfg, m=m, k=k, paired=paired, wdtype=w.dtype, cdtype=cdtype, split_out=split_out)
-    args = [jnp.asarray(layer, jnp.int32).reshape(1), x2, wv, scale]
-    if nk:
-        if cfg.act == "fp8":
-            if kind_of(w.dtype) != "fp8":
-                raise ValueError("act='fp8' (fp8 x fp8 products) needs float8_e4m3fn weights")
-            xq, xs = quantize_rows_fp8(x2)
-            args[1] = xq
-        else:
-            xs = jnp.ones((mp,), jnp.float32)
-        args.append(xs)
-        kernel = functools.partial(_kernel_nk, **common)
-    else:
-        kernel = functools.partial(_kernel, **common)
+    kernel = functools.partial(_kernel, cfg=cfg, m=m, k=k, paired=paired, wdtype=w.dtype, cdtype=cdtype,
+                               split_out=split_out)
     params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    args = [jnp.asarray(layer, jnp.int32).reshape(1), x2, wv, scale]
     aliases = {}
     if poison:
         kernel = functools.partial(_poisoned, kernel)
         args.append(jnp.full(out_shape, jnp.nan, out_dtype))
-        aliases = {len(args) - 1: 0}
+        aliases = {4: 0}
     out = pl.pallas_call(
         kernel,
         out_shape=out_struct(out_shape, out_dtype, *args),
-        grid=(mp // cfg.bm, cfg.split_k, n // cfg.bn) if cfg.m_major else (n // cfg.bn, cfg.split_k, mp // cfg.bm),
+        grid=(n // cfg.bn, cfg.split_k, mp // cfg.bm),
         compiler_params=params,
         interpret=interpret,
         input_output_aliases=aliases,
