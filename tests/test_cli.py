@@ -181,6 +181,12 @@ def test_bench_refuses_what_does_not_fit_before_allocating(capsys, monkeypatch):
     cfg = bench.load_preset("llama-2-7b")
     assert bench.check_memory(cfg, bench.partition.make_layout(cfg, 2), dtype=bench.jnp.bfloat16, batch=2,
                               cache_len=256).fits
+    # --quantization: 8-bit decoder matrices fit one 12 GiB device; the refusal's plan command carries the flag
+    one = bench.partition.make_layout(cfg, 1)
+    assert bench.check_memory(cfg, one, dtype=bench.jnp.bfloat16, batch=1, cache_len=256, quantization="int8").fits
+    with pytest.raises(bench.MemoryPlanError, match="--dtype bfloat16 --quantization fp8`"):
+        bench.check_memory(cfg, one, dtype=bench.jnp.bfloat16, batch=1, cache_len=256, quantization="fp8",
+                           device_bytes=6 * gib, preset="llama-2-7b")
 
 
 def test_bench_random_weights_allocate_only_the_weights():
