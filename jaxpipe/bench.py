@@ -235,7 +235,7 @@ def bench(cfg: LlamaConfig, *, pp: int, tp: int, microbatches: int, batch: int, 
         "bench": "jaxpipe_decode", "device": jax.devices()[0].device_kind, "n_devices": layout.num_devices,
         "pp": pp, "tp": tp, "microbatches": M, "batch_per_microbatch": b, "ring_slots": R,
         "layer_counts": list(layout.layer_counts), "prompt_len": prompt_len, "cache_len": cache_len,
-        "dtype": str(np.dtype(dtype)), "quantization": quantization, "unroll": unroll,
+        "dtype": str(np.dtype(dtype)), "quantization": quantization, "unroll": pm.unroll,
         "tick_ms": tick_s * 1e3, "token_latency_ms": tick_s * R * 1e3,
         "aggregate_tok_s": M * b / (tick_s * R),
         "prefill_ms": prefill_s * 1e3, "prefill_tok_s": M * b * prompt_len / prefill_s,
@@ -268,7 +268,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES, help="default: bfloat16")
     parser.add_argument("--quantization", default=None, choices=QUANT_KINDS,
                         help="8-bit decoder weights with per-channel scales, as LLM(quantization=...) (default: none)")
-    parser.add_argument("--unroll", default="1", type=_unroll, help="layer-loop unroll: an int, or 'full'")
+    parser.add_argument("--unroll", default=None, type=_unroll,
+                        help="layer-loop unroll: an int, or 'full' (default: as LLM, 4 on GPUs and 1 elsewhere)")
     parser.add_argument("--bandwidth-gbps", type=positive_float, default=None,
                         help="memory bandwidth (GB/s) to compute utilisation (mbu) against")
     parser.add_argument("--attention", default=None, choices=("xla", "pallas"),
