@@ -401,10 +401,14 @@ class LLMEngine:
                 s.dispatched = 1
         kv_len = _bucket(int((start + C).max()), MIN_KV_BUCKET, self.shape.cache_len)
         sampler = SamplerSpec.full(max_logprobs=self.max_logprobs, stop_width=self._sampler_spec().stop_width)
-        want_top = any(sc and s.req.params.prompt_logprobs > 0 for sc, (s, _) in zip(scoring, chosen))
+        # Top-k alternatives per prompt position: as many as the chunk's widest request, in powers of two (few
+        # compiles). A top-k over the vocabulary at every position is the cost of scoring: on one H200, 64 x 512
+        # prompt tokens with prompt_logprobs=5 took 2.3x their prefill when k was max_logprobs (20), against
+        # 1.02x with prompt_logprobs=0 (BENCHMARKS.md 2026-12-02).
+        top = max([s.req.params.prompt_logprobs for sc, (s, _) in zip(scoring, chosen) if sc] + [0])
         spec = PrefillSpec(shape=self.shape, microbatches=Mp, rows=bp, chunk=C, kv_len=kv_len, sampler=sampler,
                            record_logits=self.record_logits, score=next_tokens is not None,
-                           score_top=self.max_logprobs if want_top else 0)
+                           score_top=_bucket(top, 1, self.max_logprobs) if top else 0)
         samp = self.engine.sampling_tensors(self.table, self._table_version, sampler.stop_width)
         outs = self.engine.prefill(spec, samp, PrefillBatch(tokens, slots, start, length, final, end, next_tokens))
         if self.trace is not None:
