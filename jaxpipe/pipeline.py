@@ -50,7 +50,7 @@ from jaxpipe import partition
 from jaxpipe.config import LlamaConfig
 from jaxpipe.model import KVCache, Llama, StepInputs
 from jaxpipe.partition import CACHE_SPEC, REPLICATED, Layout
-from jaxpipe.sampler import NEG_INF, log_sum_exp, make_sampler, token_stats
+from jaxpipe.sampler import NEG_INF, gather_shards, log_sum_exp, make_sampler, token_stats
 from jaxpipe.sampling import SamplerSpec, SamplingTensors
 from jaxpipe.schedule import PrefillSchedule, RingSchedule
 from jaxpipe.sharding import RULES
@@ -237,7 +237,7 @@ def default_unroll(platform: str) -> int:
     """The layer loop's unroll factor: 4 on GPUs, where it measured 1-4% faster decode steps than 1 (one H200,
     Llama-2-7B, batch 1 / 32 / 64: 4.655 -> 4.621, 5.295 -> 5.093, 6.126 -> 5.978 ms; BENCHMARKS.md
     2026-12-02) for ~0.4 s more compile per program; 1 elsewhere (XLA:CPU got slower unrolled)."""
-    return 4 if platform in ("gpu", "cuda", "rocm") else 1
+    return 4 if platform == "gpu" else 1
 
 
 class PipelineModel:
@@ -465,10 +465,7 @@ class PipelineModel:
                                  jnp.zeros((bp,), jnp.int32), pm[out_slots], counts[out_slots])
                 outs = tuple(_put_rows(buf, fo, jnp.where(done, v, _rows(buf, fo, bp))) for buf, v in zip(outs, res))
                 if spec.record_logits:
-                    logits = model.logits(y)
-                    if tax:
-                        logits = jax.lax.all_gather(logits, tax, axis=2, tiled=True, to="invarying")
-                    logits = logits[..., :V]
+                    logits = gather_shards(model.logits(y), tax)[..., :V]
                     logits_buf = _put_rows(logits_buf, fo, jnp.where(done, logits, _rows(logits_buf, fo, bp)))
                 if spec.score:
                     got = self._score(model, y, _rows(next_tokens, fo, bp), K)
@@ -573,11 +570,7 @@ class PipelineModel:
                                  _rows(pm, mine, b), counts_rows)
                 live_out = live & out_ok
                 live_after = live_out & (step_rows + live_out < end_rows)
-                if spec.record_logits:
-                    full = logits if not tax else jax.lax.all_gather(logits, tax, axis=1, tiled=True, to="invarying")
-                    full = full[:, :V]
-                else:
-                    full = jnp.zeros((0,), jnp.float32)
+                full = gather_shards(logits, tax)[:, :V] if spec.record_logits else jnp.zeros((0,), jnp.float32)
                 return res, live_out, live_after, full
 
             def tick(i, carry):

@@ -37,9 +37,10 @@ def _pmax(x, axis):
     return jax.lax.pmax(x, axis) if axis else x
 
 
-def _gather(x, axis):
-    """``x [b, k]`` of every shard -> ``[b, shards * k]`` (shard order), the same on every shard (typed
-    invariant over ``axis``, which ``shard_map(check_vma=True)`` needs of the replicated results)."""
+def gather_shards(x: jax.Array, axis: str | None) -> jax.Array:
+    """``x [..., k]`` of every shard of mesh axis ``axis`` -> ``[..., shards * k]`` (shard order), the same on
+    every shard (typed invariant over ``axis``, which ``shard_map(check_vma=True)`` needs of replicated
+    results); ``x`` itself when ``axis`` is None."""
     return jax.lax.all_gather(x, axis, axis=x.ndim - 1, tiled=True, to="invarying") if axis else x
 
 
@@ -74,7 +75,7 @@ def _argmax(x, gid, axis):
     g = gid[i]
     if not axis:
         return g.astype(jnp.int32)
-    ms, gs = _gather(m[:, None], axis), _gather(g[:, None], axis)
+    ms, gs = gather_shards(m[:, None], axis), gather_shards(g[:, None], axis)
     best = jnp.max(ms, axis=-1, keepdims=True)
     # the first shard holding the maximum: its lowest index (shards hold increasing id ranges)
     first = jnp.argmax(ms == best, axis=-1)
@@ -154,7 +155,7 @@ def token_stats(raw, tokens, lse, gid, K: int, axis):
     rank = _psum(jnp.sum(raw >= chosen[..., None], axis=-1, dtype=jnp.int32), axis)
     if K:
         top_l, top_i = jax.lax.top_k(raw, min(K, raw.shape[-1]))
-        all_l, all_i = _gather(top_l, axis), _gather(gid[top_i], axis)
+        all_l, all_i = gather_shards(top_l, axis), gather_shards(gid[top_i], axis)
         best_l, pos = jax.lax.top_k(all_l, K)
         top_ids = jnp.take_along_axis(all_i, pos, axis=-1).astype(jnp.int32)
         top_lp = best_l - lse[..., None]

@@ -417,10 +417,9 @@ def stack(emit, jax, jnp, qm, weights, shapes, L, args, best, interpret, timed, 
             if kd == "fp8":
                 vs += [("w8a8_xla_highest", w8a8(jax.lax.Precision.HIGHEST)),
                        ("w8a8_xla_default", w8a8(None))]
-                for vname, mm in vs[-2:]:
-                    g = "gate_up"
-                    emit(section="prefill_check", m=m, kind=kd, variant=vname, gemm=g,
-                         ratio=w8a8_check(mm, x if g != "down" else None, *ws[g], L - 1))
+                for vname, mm in vs[-2:]:  # gate|up: its K is the hidden size, as x's
+                    emit(section="prefill_check", m=m, kind=kd, variant=vname, gemm="gate_up",
+                         ratio=w8a8_check(mm, x, *ws["gate_up"], L - 1))
             for vname, mm in vs:
                 if left() < 10:
                     emit(section="prefill", m=m, kind=kd, variant=vname, skipped="budget")

@@ -34,6 +34,12 @@ def emit(**rec) -> None:
     print(json.dumps(rec), flush=True)
 
 
+def make_prompts(num: int, length: int, vocab: int) -> list[list[int]]:
+    """The benchmark's prompts: random token ids (seed 0), the same in the peer's process and in jaxpipe's."""
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, vocab, length).tolist() for _ in range(num)]
+
+
 def time_jaxpipe(llm, prompts, params, repeats: int) -> tuple[float, list]:
     llm.generate(prompts, params, use_tqdm=False)  # compiles
     times, outs = [], None
@@ -107,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             open(os.path.join(args.model, "config.json")))
         if args.tokenizer:  # LLM resizes a preset's vocabulary to its tokenizer's
             cfg_dict["vocab_size"] = len(AutoTokenizer.from_pretrained(args.tokenizer))
-        rng = np.random.default_rng(0)
-        prompts = [rng.integers(3, cfg_dict["vocab_size"], args.prompt_len).tolist() for _ in range(args.num_prompts)]
+        prompts = make_prompts(args.num_prompts, args.prompt_len, cfg_dict["vocab_size"])
         r = peer(cfg_dict, prompts, args.peer_batch, args.dtype, args.repeats)
         if r is not None:
             emit(bench="transformers_scoring", model=args.model, dtype=args.dtype, prompts=args.num_prompts,
@@ -127,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     llm = LLM(model=args.model, tokenizer=args.tokenizer, load_format="dummy", dtype=args.dtype,
               max_num_seqs=args.max_num_seqs, max_model_len=args.prompt_len + 16, progress=False)
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, llm.cfg.vocab_size, args.prompt_len).tolist() for _ in range(args.num_prompts)]
+    prompts = make_prompts(args.num_prompts, args.prompt_len, llm.cfg.vocab_size)
     inputs = [{"prompt_token_ids": p} for p in prompts]
     tokens = args.num_prompts * args.prompt_len
     head = {"device": jax.devices()[0].device_kind, "model": args.model, "dtype": args.dtype,
