@@ -9,8 +9,10 @@ bounds the sweep so the later sections still run):
 1. ``copy``: device copy bandwidth (JAX, and PyTorch when present), the peer for the floor.
 2. ``gemm``: one matmul kind (qkv, o, gate_up, down) over all layers stacked ``[L, K, N]``, in a
    ``fori_loop`` over layers (the layer index traced, as jaxpipe runs them): cuBLAS bf16, XLA's
-   convert-then-GEMM for 8-bit, and a sweep of kernel tilings, int8 and fp8, for each row count.
-   ``floor_ms`` = (8-bit weights + scales + activations in and out) / 4.28 TB/s.
+   convert-then-GEMM for 8-bit, and a sweep of kernel tilings, int8 and fp8 (and ``q8_0`` when asked:
+   int8 with group-wise float16 scales ``[L, K / 32, N]``, llama.cpp's Q8_0 layout), for each row count.
+   ``floor_ms`` = (8-bit weights + scales + activations in and out) / 4.28 TB/s; the scales are 4 bytes per
+   column (int8, fp8) or 2 bytes per 32 weights (q8_0).
 3. ``stack``: the four matmuls of each layer in one ``fori_loop`` over 32 layers with the elementwise work
    between them (residual, SiLU gate, a norm), bf16 cuBLAS against int8 and fp8 through the best tiling of
    each matmul found in section 2 and through ``layer_matmul`` as shipped; blocked per call and back to back.
@@ -18,7 +20,8 @@ bounds the sweep so the later sections still run):
 
 Correctness: each variant's output for one random layer (the last, where offsets are largest) is compared
 elementwise with a float32 HIGHEST-precision reference on fresh random data (checked once against float64
-NumPy), bound ``2**-8 |ref| + 2**-14 (|x| @ |w|)``; kernel outputs start as NaN (poisoned).
+NumPy), bound ``2**-8 |ref| + 2**-14 (|x| @ |w|)``; kernel outputs start as NaN (poisoned). For q8_0 the
+reference weight is the dequantized one rounded to bf16, as ``layer_matmul`` defines it.
 """
 
 from __future__ import annotations
@@ -42,6 +45,17 @@ PEAK_BW = 4.28e12  # bytes/s: device-to-device copy measured on one H200 (shared
 # Llama-2-7B (MHA, H=4096, I=11008, 32 layers): (K, N) of each decode matmul, q|k|v and gate|up fused.
 LAYERS_7B = 32
 SHAPES_7B = {"qkv": (4096, 3 * 4096), "o": (4096, 4096), "gate_up": (4096, 2 * 11008), "down": (11008, 4096)}
+KINDS = ("int8", "fp8", "q8_0")
+GROUPS = {"q8_0": 32}  # input rows per scale of the group-wise kinds
+
+
+def weight_bytes(kind: str, k: int, n: int) -> int:
+    """Bytes of one layer's ``[k, n]`` weight and its scales."""
+    if kind == "bf16":
+        return 2 * k * n
+    if kind in GROUPS:
+        return k * n + 2 * (k // GROUPS[kind]) * n
+    return k * n + 4 * n
 
 
 class Out:
@@ -68,7 +82,7 @@ def main() -> None:
     ap.add_argument("--stack-m", type=int, nargs="+", default=[1, 8, 16, 32, 64])
     ap.add_argument("--prefill-m", type=int, nargs="*", default=[2048])
     ap.add_argument("--xla-m", type=int, nargs="*", default=[1, 64], help="row counts for XLA's 8-bit path")
-    ap.add_argument("--kinds", nargs="+", default=["int8", "fp8"])
+    ap.add_argument("--kinds", nargs="+", default=["int8", "fp8"], choices=KINDS)
     ap.add_argument("--gemms", nargs="+", default=["gate_up", "qkv", "down", "o"])
     ap.add_argument("--sweep", default="wide", choices=["wide", "narrow", "none"])
     ap.add_argument("--budget-s", type=float, default=240.0, help="wall budget for the whole run")
@@ -115,6 +129,9 @@ def main() -> None:
         # fp8: random bytes with exponent bit 6 cleared: finite, normal and subnormal values alike.
         f8 = jax.lax.bitcast_convert_type(bits & jnp.int8(-65), jnp.float8_e4m3fn)
         weights[g, "fp8"] = (f8, s * (127 / 1.875))  # |values| <= 1.875: the same output scale as int8
+        if "q8_0" in args.kinds:  # the int8 values with float16 scales per 32 rows (normal float16 values)
+            sg = jax.random.uniform(jax.random.fold_in(kq, 2), (L, k // GROUPS["q8_0"], n), jnp.float32, 0.5, 1.5)
+            weights[g, "q8_0"] = (bits, (sg / (127 * 8)).astype(jnp.float16))
         # bf16 of the same magnitude (the peer)
         weights[g, "bf16"] = ((bits.astype(jnp.bfloat16) * (1 / (127 * math.sqrt(k)))).astype(jnp.bfloat16), None)
         jax.block_until_ready(weights[g, "bf16"][0])
@@ -149,6 +166,10 @@ def main() -> None:
         wl = w[layer].astype(jnp.float32)
         xf = x.astype(jnp.float32).reshape(-1, x.shape[-1])
         hp = jax.lax.Precision.HIGHEST
+        if s.ndim == 3:  # group-wise: the dequantized weight rounded to x.dtype (eager ops: kept rounded)
+            wl = (wl * jnp.repeat(s[layer].astype(jnp.float32), w.shape[1] // s.shape[1], axis=0))
+            wl = wl.astype(x.dtype).astype(jnp.float32)
+            s = jnp.ones(s.shape[:1] + s.shape[2:], jnp.float32)
         ref = jnp.matmul(xf, wl, precision=hp) * s[layer]
         mag = jnp.matmul(jnp.abs(xf), jnp.abs(wl), precision=hp) * s[layer]
         bound = 2.0 ** -8 * jnp.abs(ref) + 2.0 ** -14 * mag + 1e-30
@@ -165,6 +186,16 @@ def main() -> None:
     ok0, r0 = check(y0, x0, w0, s0, L - 1)
     emit(section="check", what="xla int8 vs f32 ref vs f64 numpy", ok=bool(ok0), ratio=r0,
          max_rel_vs_f64=float(np.max(np.abs(np.asarray(y0, np.float64) - ref64)) / np.max(np.abs(ref64))))
+    if "q8_0" in args.kinds:
+        import ml_dtypes
+
+        w0, s0 = weights[g0, "q8_0"]
+        y0 = qm.xla_layer_matmul(x0, w0, s0, jnp.int32(L - 1))
+        wd = np.asarray(w0[L - 1], np.float32) * np.repeat(np.asarray(s0[L - 1], np.float32), GROUPS["q8_0"], 0)
+        ref64 = np.asarray(x0, np.float64) @ wd.astype(ml_dtypes.bfloat16).astype(np.float64)
+        ok0, r0 = check(y0, x0, w0, s0, L - 1)
+        emit(section="check", what="xla q8_0 vs f32 ref vs f64 numpy", ok=bool(ok0), ratio=r0,
+             max_rel_vs_f64=float(np.max(np.abs(np.asarray(y0, np.float64) - ref64)) / np.max(np.abs(ref64))))
 
     best: dict[tuple, tuple[float, qm.GemmConfig]] = {}
     sweep_end = time.perf_counter() + args.sweep_frac * left()
@@ -172,8 +203,7 @@ def main() -> None:
     for m in list(args.m) + [v for v in args.m_pick if v not in args.m]:
         for g, (k, n) in shapes.items():
             x = jax.random.normal(jax.random.PRNGKey(m), (m, k), jnp.float32).astype(jnp.bfloat16)
-            floor_b = {kd: L * (k * n * (1 if kd != "bf16" else 2) + (4 * n if kd != "bf16" else 0)
-                                + 2 * m * k + 2 * m * n) for kd in ("int8", "fp8", "bf16")}
+            floor_b = {kd: L * (weight_bytes(kd, k, n) + 2 * m * k + 2 * m * n) for kd in ("bf16",) + KINDS}
             rec = dict(section="gemm", gemm=g, m=m, k=k, n=n, layers=L)
             wb, _ = weights[g, "bf16"]
             try:
@@ -184,6 +214,7 @@ def main() -> None:
                 emit(**rec, variant="bf16_cublas", error=repr(e)[:400])
             for kd in args.kinds:
                 w, s = weights[g, kd]
+                group = GROUPS.get(kd)
                 floor_ms = floor_b[kd] / PEAK_BW * 1e3
                 floor_copy_ms = floor_b[kd] / (copy_bw * 1e9) * 1e3 if copy_bw else None
                 if m in args.xla_m:
@@ -195,10 +226,10 @@ def main() -> None:
                 if m not in args.m:  # not swept: the best tiling of the nearest swept row count
                     cands = [c for c in [pick(qm, best, g, m, kd, k, n)] if c is not None]
                 elif args.tiny:
-                    cands = tiny_candidates(qm, m)
+                    cands = [c for c in tiny_candidates(qm, m) if c.fits(m, k, n, group)]
                 else:
                     cands = candidates(qm, m, k, n, kd, args.sweep, qm.needs_pairs(w))
-                shipped = qm.config_for(m, k, n, w.dtype, paired=qm.needs_pairs(w))
+                shipped = qm.config_for(m, k, n, w.dtype, paired=qm.needs_pairs(w), group=group)
                 if shipped is not None:
                     cands = [shipped] + [c for c in cands if c != shipped]
                 for cfg in cands:
@@ -246,21 +277,22 @@ def candidates(qm, m, k, n, kind, sweep, paired=False):
         return []
     G = qm.GemmConfig
     out = []
-    cv = "magic" if kind == "int8" else "native"
+    cv = "native" if kind == "fp8" else "magic"
+    group = GROUPS.get(kind)
 
     def add(form, bm, bn, bk, warps=4, stages=4, prefetch=False, evict=True, split=None, convert=cv):
         if n % bn or k % bk:
             return
         s = split or qm.split_for(m, k, n, bm, bn, bk)
         c = G(form, bm, bn, bk, s, warps, stages, convert, prefetch, evict)
-        if c.fits(m, k, n) and c not in out:
+        if c.fits(m, k, n, group) and c not in out:
             out.append(c)
 
     if m == 1:
         add("gemv", 1, 256, 128, 4, 1, True, split=k // 128)
         add("gemv", 1, 256, 64, 4, 1, True)
         add("gemv", 1, 512, 64, 8, 3, False)
-        if kind == "int8":
+        if kind != "fp8":
             add("gemv", 1, 512, 128, 8, 1, True, split=k // 128, convert="native")
         if sweep == "wide":
             add("gemv", 1, 512, 64, 8, 1, True)
@@ -295,7 +327,7 @@ def pick(qm, best, g, m, kd, k, n):
     cfg = best[g, near, kd][1]
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     cfg = dataclasses.replace(cfg, bm=bm, split_k=qm.split_for(m, k, n, bm, cfg.bn, cfg.bk))
-    return cfg if cfg.fits(m, k, n) else None
+    return cfg if cfg.fits(m, k, n, GROUPS.get(kd)) else None
 
 
 def cfg_str(c) -> str:
@@ -330,11 +362,7 @@ def stack(emit, jax, jnp, qm, weights, shapes, L, args, best, interpret, timed, 
         return jax.jit(run)
 
     def bytes_step(kd, m):
-        tot = 0
-        for g in names:
-            k, n = shapes[g]
-            tot += L * (k * n * (2 if kd == "bf16" else 1) + (0 if kd == "bf16" else 4 * n) + 2 * m * (k + n))
-        return tot
+        return sum(L * (weight_bytes(kd, *shapes[g]) + 2 * m * sum(shapes[g])) for g in names)
 
     for m in args.stack_m:
         x = jax.random.normal(jax.random.PRNGKey(100 + m), (m, H), jnp.float32).astype(jnp.bfloat16)
@@ -379,6 +407,8 @@ def stack(emit, jax, jnp, qm, weights, shapes, L, args, best, interpret, timed, 
         """Prefill alternative: the scale folded into the bf16 weight (one rounding of q*s to bf16)."""
         if s is None:
             return qm.xla_layer_matmul(x, w, None, l)
+        if s.ndim == 3:  # group-wise scales: XLA's path already does exactly this
+            return qm.xla_layer_matmul(x, w, s, l)
         wl = (w[l].astype(jnp.float32) * s[l]).astype(x.dtype)
         return jnp.einsum("...k,kn->...n", x, wl)
 

@@ -1,19 +1,29 @@
 """``layer_matmul``: one layer's matmul against a stacked, possibly 8-bit, weight; a Pallas kernel on GPU.
 
 ``layer_matmul(x, w, scale, layer)`` computes ``x @ dequantize(w[layer], scale[layer])`` with float32
-accumulation for a stack ``w[L, K, N]`` of int8 or float8_e4m3fn weights and their per-output-channel
-scales ``[L, N]`` (see ``jaxpipe.quantize``), or plain ``x @ w[layer]`` when ``scale`` is None.
+accumulation for a stack ``w[L, K, N]`` of int8 or float8_e4m3fn weights (see ``jaxpipe.quantize``), or plain
+``x @ w[layer]`` when ``scale`` is None. The scales' shape says which of two meanings applies:
+
+- per output channel, ``scale[L, N]`` float32 (int8, fp8): ``y = ((x @ q) * scale).astype(x.dtype)``, the
+  products of the activations with the 8-bit values exact (8-bit values are exact in bf16 / f16 / f32),
+  summed in float32, one multiply by the column's scale, one rounding to ``x.dtype``.
+- per group of ``G`` input rows, ``scale[L, K // G, N]`` float16 or float32 (q8_0, llama.cpp's Q8_0 layout,
+  ``G = 32``; ``G`` comes from the shapes): ``y = (x @ W).astype(x.dtype)`` with
+  ``W = (q.astype(f32) * scale.astype(f32) repeated over each group's G rows).astype(x.dtype)``:
+  dequantized in float32 (exact for 8-bit values times float16 scales), rounded once to the activation dtype, float32
+  accumulation. In float32 the weights are exactly the dequantized ones; in bf16 the layer computes as a
+  bf16 model of the dequantized checkpoint would, up to summation order.
 
 Why a kernel: XLA converts the whole 8-bit weight to bf16 in memory before its GEMM (reading 1 byte, writing
 2 and reading 2 again per weight), which makes weight-only quantization slower than bf16 in decode. The Pallas
 (Triton) kernel here reads the 8-bit weight once from HBM, converts it in registers, accumulates in float32 and
-applies the scales once per output tile. It takes the whole stack and the (traced) layer index and indexes
-inside the kernel, so XLA never copies ``w[layer]`` out of the stack before the call.
+applies per-channel scales once per output tile (group-wise scales: a ``[bk / G, bn]`` tile of them multiplies
+each converted weight tile in registers, before the dot). It takes the whole stack and the (traced) layer index
+and indexes inside the kernel, so XLA never copies ``w[layer]`` out of the stack before the call.
 
 Where it is used: CUDA only (``lax.platform_dependent``: chosen when lowering, never by a traced value), for
 decode-sized row counts (``config_for`` decides from static shapes); everywhere else, plain XLA. Both compute
-the same thing: exact products of the activations with the 8-bit values, float32 sums, one multiply by the
-scale, one rounding to ``x.dtype``.
+the same thing, with the meaning above.
 """
 
 from __future__ import annotations
@@ -63,11 +73,19 @@ class GemmConfig:
     prefetch: bool = False
     evict: bool = False
 
-    def fits(self, m: int, k: int, n: int) -> bool:
-        """Whether this tiling covers a ``[m, k] @ [k, n]`` problem exactly (rows are padded to ``bm``)."""
+    def fits(self, m: int, k: int, n: int, group: int | None = None) -> bool:
+        """Whether this tiling covers a ``[m, k] @ [k, n]`` problem exactly (rows are padded to ``bm``);
+        ``group``: the scales' group size (None: per channel), whose groups must tile ``bk`` (a power of two
+        of them: Triton's tensor shapes)."""
         if self.form in ("fma", "gemv") and (m != 1 or self.bm != 1):
             return False
+        if group is not None and (self.bk % group or not _pow2(self.bk // group)):
+            return False
         return n % self.bn == 0 and k % (self.split_k * self.bk) == 0
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
 
 
 # Rows above which XLA's convert-then-cuBLAS is used: prefill-sized matmuls are compute bound and cuBLAS runs
@@ -103,10 +121,14 @@ def _first_dividing(options, size):
     return next((o for o in options if size % o == 0), None)
 
 
-def config_for(m: int, k: int, n: int, w_dtype, *, paired: bool = False) -> GemmConfig | None:
+def config_for(m: int, k: int, n: int, w_dtype, *, paired: bool = False,
+               group: int | None = None) -> GemmConfig | None:
     """The kernel tiling for ``m`` rows of ``[m, k] @ [k, n]`` with 8-bit weights, or None where plain
     XLA is as fast (large ``m``) or the shape does not tile. Chosen from static shapes only; ``paired``:
-    the stack is read through its int16 view (``needs_pairs``).
+    the stack is read through its int16 view (``needs_pairs``); ``group``: the scales' group size
+    (``group_size_of``; None per channel): the K tile is then the first of the same candidates that holds a
+    power of two of whole groups; for Q8_0's 32 at Llama's shapes that is the per-channel tiling itself
+    (not yet re-swept for the extra multiply by the scales).
 
     From the H200 sweeps (BENCHMARKS.md, 2026-12-01): one row is fastest as a split-K GEMV in which every
     program reduces one [128, 256..512] tile (all its loads in flight at once, no loop; 256 wide through
@@ -118,8 +140,12 @@ def config_for(m: int, k: int, n: int, w_dtype, *, paired: bool = False) -> Gemm
     if m > MAX_KERNEL_ROWS or kind is None:
         return None
     convert = "magic" if kind == "int8" else "native"
+
+    def k_tiles(options):  # K tiles that hold whole groups of scales
+        return tuple(o for o in options if group is None or (o % group == 0 and _pow2(o // group)))
+
     if m == 1:
-        bk = _first_dividing((64, 32, 16) if paired and kind == "fp8" else (128, 64, 32, 16), k)
+        bk = _first_dividing(k_tiles((64, 32, 16) if paired and kind == "fp8" else (128, 64, 32, 16)), k)
         bn = _first_dividing((256, 128, 64) if paired else (512, 256, 128, 64), n)
         if bk is None or bn is None:
             return None
@@ -133,12 +159,12 @@ def config_for(m: int, k: int, n: int, w_dtype, *, paired: bool = False) -> Gemm
     else:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         bn = _first_dividing((64,), n)
-        bk = _first_dividing((256, 128, 64) if paired else (64, 128, 256), k)
+        bk = _first_dividing(k_tiles((256, 128, 64) if paired else (64, 128, 256)), k)
         if bn is None or bk is None:
             return None
         stages, prefetch = (1, True) if paired else (4, False)
         cfg = GemmConfig("dot", bm, bn, bk, split_for(m, k, n, bm, bn, bk), 4, stages, convert, prefetch, True)
-    return cfg if cfg.fits(m, k, n) else None
+    return cfg if cfg.fits(m, k, n, group) else None
 
 
 # -- the kernel ----------------------------------------------------------------------------------------
@@ -152,6 +178,26 @@ def _convert(v, dtype, how: str):
     if v.dtype != jnp.int8 and v.dtype.itemsize == 1 and dtype != jnp.float32:
         return v.astype(jnp.float32).astype(dtype)  # fp8 -> bf16 goes through f32 in Triton anyway
     return v.astype(dtype)
+
+
+def _scale_groups(w, s, group: int):
+    """``w[bk, bn]`` float32 times its group-wise scales ``s[bk // group, bn]``, each row of ``s`` over
+    ``group`` consecutive rows of ``w`` (exact for 8-bit values times float16 scales)."""
+    bk, bn = w.shape
+    return (w.reshape(bk // group, group, bn) * s.astype(jnp.float32)[:, None, :]).reshape(bk, bn)
+
+
+def _round_to(w, dtype):
+    """float32 ``w`` rounded to ``dtype`` and kept in float32 (the one-row forms multiply-add in float32).
+    bf16 is widened back through its bits: XLA (interpret mode on CPU) drops a plain f32 -> bf16 -> f32 pair
+    as excess precision, and on GPU this is what the conversion costs anyway."""
+    if dtype == jnp.float32:
+        return w
+    r = w.astype(dtype)
+    if dtype != jnp.bfloat16:
+        return r.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(r, jnp.int16).astype(jnp.int32)
+    return jax.lax.bitcast_convert_type(jax.lax.shift_left(bits, 16), jnp.float32)
 
 
 def _load_weight_tile(w_ref, layer, k0, n0, bk: int, bn: int, paired: bool, evict: bool):
@@ -184,7 +230,7 @@ def _unpack(v, bk: int, bn: int, paired: bool, wdtype, widen: bool = False):
 
 
 def _kernel(layer_ref, x_ref, w_ref, s_ref, o_ref, *, cfg: GemmConfig, m: int, k: int, paired: bool, wdtype,
-            cdtype, split_out: bool):
+            cdtype, split_out: bool, group: int | None):
     bm, bn, bk = cfg.bm, cfg.bn, cfg.bk
     jn, js, jm = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
@@ -198,12 +244,24 @@ def _kernel(layer_ref, x_ref, w_ref, s_ref, o_ref, *, cfg: GemmConfig, m: int, k
         return pl.multiple_of(kbase + t * bk, bk)
 
     def load(t):
-        return _load_weight_tile(w_ref, layer, k_at(t), n0, bk, bn, paired, cfg.evict)
+        """The raw weight tile of step t and, for group-wise scales, its ``[bk / group, bn]`` scales."""
+        raw = _load_weight_tile(w_ref, layer, k_at(t), n0, bk, bn, paired, cfg.evict)
+        if group is None:
+            return raw, None
+        g0 = pl.multiple_of(js * (k // cfg.split_k // group) + t * (bk // group), bk // group)
+        return raw, s_ref[layer, pl.ds(g0, bk // group), pl.ds(n0, bn)]
 
-    def step(t, raw, acc):
-        """acc += x[:, k-tile t] @ w[k-tile t], with the raw weight tile already loaded."""
+    def step(t, loaded, acc):
+        """acc += x[:, k-tile t] @ w[k-tile t], with the raw weight tile (and its scales) already loaded."""
+        raw, scales = loaded
         w = _unpack(raw, bk, bn, paired, wdtype, widen=cfg.convert == "magic")
-        w = _convert(w, jnp.float32 if vector else cdtype, cfg.convert)
+        if group is None:
+            w = _convert(w, jnp.float32 if vector else cdtype, cfg.convert)
+        else:
+            # Dequantized in float32, rounded once to the activation dtype (the documented meaning); the
+            # one-row forms keep it in float32 for their multiply-adds.
+            w = _scale_groups(_convert(w, jnp.float32, cfg.convert), scales, group)
+            w = _round_to(w, cdtype) if vector else w.astype(cdtype)
         k0 = k_at(t)
         if vector:
             xk = x_ref[0, pl.ds(k0, bk)].astype(jnp.float32)
@@ -228,7 +286,9 @@ def _kernel(layer_ref, x_ref, w_ref, s_ref, o_ref, *, cfg: GemmConfig, m: int, k
         acc = jax.lax.fori_loop(0, steps, lambda t, acc: step(t, load(t), acc), acc)
     out = {"fma": lambda a: jnp.sum(a, axis=0)[None, :], "gemv": lambda a: a[None, :],
            "dot_t": lambda a: a.T, "dot": lambda a: a}[cfg.form](acc)
-    out = (out * s_ref[layer, pl.ds(n0, bn)][None, :]).astype(o_ref.dtype)
+    if group is None:
+        out = out * s_ref[layer, pl.ds(n0, bn)][None, :]
+    out = out.astype(o_ref.dtype)
     block = (pl.ds(m0, bm), pl.ds(n0, bn))
     dst = o_ref.at[(js, *block) if split_out else block]
     if m % bm:  # rows past m are padding: not written (and never read)
@@ -241,6 +301,28 @@ def _kernel(layer_ref, x_ref, w_ref, s_ref, o_ref, *, cfg: GemmConfig, m: int, k
 def _poisoned(kernel, layer_ref, x_ref, w_ref, s_ref, init_ref, o_ref):
     del init_ref  # aliased with o_ref: what the kernel does not write stays NaN
     kernel(layer_ref, x_ref, w_ref, s_ref, o_ref)
+
+
+def group_size_of(w, scale) -> int | None:
+    """The group size of ``scale`` for the stack ``w[L, K, N]``: None for per-channel scales ``[L, N]``,
+    ``G = K // scale.shape[1]`` for group-wise scales ``[L, K // G, N]`` (static: from shapes only). A
+    ValueError names the shapes when ``scale`` is neither, or its groups do not split K evenly."""
+    if len(w.shape) != 3:
+        raise ValueError(f"layer_matmul: w must be a stack [L, K, N], got shape {tuple(w.shape)}")
+    num_layers, k, n = w.shape
+    if tuple(scale.shape) == (num_layers, n):
+        return None
+    if len(scale.shape) != 3 or (scale.shape[0], scale.shape[2]) != (num_layers, n):
+        raise ValueError(f"layer_matmul: scale {tuple(scale.shape)} fits neither per-channel scales "
+                         f"[L, N] = {(num_layers, n)} nor group-wise scales [L, K // G, N] of w {tuple(w.shape)}")
+    groups = scale.shape[1]
+    if groups == 0 or k % groups:
+        raise ValueError(f"layer_matmul: scale {tuple(scale.shape)} has {groups} groups over w's K = {k} rows "
+                         f"({tuple(w.shape)}): the group size K // groups must be a whole number")
+    if jnp.dtype(scale.dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        raise ValueError(f"layer_matmul: group-wise scales must be float16 (as GGUF stores Q8_0), bfloat16 or "
+                         f"float32, got {scale.dtype}")
+    return k // groups
 
 
 def needs_pairs(w) -> bool:
@@ -256,19 +338,22 @@ def quant_matmul_pallas(x: jax.Array, w: jax.Array, scale: jax.Array, layer, cfg
                         poison: bool = False) -> jax.Array:
     """The Pallas kernel: ``x[..., K] @ dequantize(w[layer], scale[layer])`` -> ``[..., N]`` in x.dtype.
 
-    ``w[L, K, N]`` int8 or float8_e4m3fn, ``scale[L, N]`` float32, ``layer`` an int32 scalar (may be
-    traced). ``cfg`` must fit the shapes (``cfg.fits``). ``interpret`` runs it through Pallas' interpreter
-    (any backend; for tests). ``paired`` forces (True) or forbids (False) reading the 8-bit stack through
-    its int16 view; None decides by size (only where int32 offsets would overflow). ``poison`` starts the
-    output buffer as NaN (checks that every element is written).
+    ``w[L, K, N]`` int8 or float8_e4m3fn, ``scale[L, N]`` float32 or group-wise ``[L, K // G, N]`` (see the
+    module docstring), ``layer`` an int32 scalar (may be traced). ``cfg`` must fit the shapes (``cfg.fits``,
+    with the scales' group size). ``interpret`` runs it through Pallas' interpreter (any backend; for
+    tests). ``paired`` forces (True) or forbids (False) reading the 8-bit stack through its int16 view; None
+    decides by size (only where int32 offsets would overflow). ``poison`` starts the output buffer as NaN
+    (checks that every element is written).
     """
     lead, k = x.shape[:-1], x.shape[-1]
+    group = group_size_of(w, scale)
     num_layers, kw, n = w.shape
-    if kw != k or scale.shape != (num_layers, n):
+    if kw != k:
         raise ValueError(f"layer_matmul: x {x.shape}, w {w.shape} and scale {scale.shape} do not match")
     m = math.prod(lead)
-    if not cfg.fits(m, k, n):
-        raise ValueError(f"{cfg} does not tile [{m}, {k}] @ [{k}, {n}]")
+    if not cfg.fits(m, k, n, group):
+        what = "" if group is None else f" with scale groups of {group} rows"
+        raise ValueError(f"{cfg} does not tile [{m}, {k}] @ [{k}, {n}]{what}")
     x2 = x.reshape(m, k)
     mp = -(-m // cfg.bm) * cfg.bm
     if mp != m:
@@ -283,7 +368,7 @@ def quant_matmul_pallas(x: jax.Array, w: jax.Array, scale: jax.Array, layer, cfg
     out_shape = (cfg.split_k, mp, n) if split_out else (mp, n)
     out_dtype = jnp.float32 if split_out else x.dtype
     kernel = functools.partial(_kernel, cfg=cfg, m=m, k=k, paired=paired, wdtype=w.dtype, cdtype=cdtype,
-                               split_out=split_out)
+                               split_out=split_out, group=group)
     params = None if interpret else plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     args = [jnp.asarray(layer, jnp.int32).reshape(1), x2, wv, scale]
     aliases = {}
@@ -307,15 +392,28 @@ def quant_matmul_pallas(x: jax.Array, w: jax.Array, scale: jax.Array, layer, cfg
 # -- the XLA path ------------------------------------------------------------------------------------------
 
 
-def xla_layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer) -> jax.Array:
-    """Plain XLA: ``(x @ w[layer].astype(x.dtype)) * scale[layer]`` with float32 accumulation.
+def dequantize_groups(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+    """One layer's group-wise dequantized weight: ``q[K, N]`` times ``scale[K // G, N]`` (each scale row
+    over G consecutive rows of q) in float32, rounded once to ``dtype``."""
+    k, n = q.shape
+    groups = scale.shape[0]
+    w = q.astype(jnp.float32).reshape(groups, k // groups, n) * scale.astype(jnp.float32)[:, None, :]
+    return w.reshape(k, n).astype(dtype)
 
-    The 8-bit values are exact in bf16 / f16 / f32, so the product before the scale is exact and the result
-    is the dequantized matmul's up to float32 summation order.
+
+def xla_layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer) -> jax.Array:
+    """Plain XLA: ``(x @ w[layer].astype(x.dtype)) * scale[layer]`` with float32 accumulation, or for
+    group-wise scales ``x @ dequantize_groups(w[layer], scale[layer], x.dtype)`` (one layer dequantized).
+
+    The 8-bit values are exact in bf16 / f16 / f32, so the product before the per-channel scale is exact and
+    the result is the dequantized matmul's up to float32 summation order.
     """
     wl = w[layer]
     if scale is None:
         return jnp.einsum("...k,kn->...n", x, wl)
+    if group_size_of(w, scale) is not None:
+        wd = dequantize_groups(wl, scale[layer], x.dtype)
+        return jnp.einsum("...k,kn->...n", x, wd, preferred_element_type=jnp.float32).astype(x.dtype)
     y = jnp.einsum("...k,kn->...n", x, wl.astype(x.dtype), preferred_element_type=jnp.float32)
     return (y * scale[layer]).astype(x.dtype)
 
@@ -323,17 +421,22 @@ def xla_layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer)
 def layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer) -> jax.Array:
     """``x[..., K] @ dequantize(w[layer])`` -> ``[..., N]`` in ``x.dtype``, float32 accumulation.
 
-    ``w[L, K, N]``: int8 or float8_e4m3fn with ``scale[L, N]`` float32 (per output channel), or the
-    activation dtype with ``scale=None`` (then exactly ``x @ w[layer]``). ``layer``: int32 scalar, may be
-    traced (a ``fori_loop`` index). Works on local shards inside ``shard_map`` (N or K split). On CUDA,
+    ``w[L, K, N]``: int8 or float8_e4m3fn with ``scale[L, N]`` float32 (per output channel) or
+    ``scale[L, K // G, N]`` float16 / float32 (per group of G input rows, e.g. Q8_0's 32; the module
+    docstring gives both meanings), or the activation dtype with ``scale=None`` (then exactly
+    ``x @ w[layer]``). ``layer``: int32 scalar, may be traced (a ``fori_loop`` index). Works on local shards
+    inside ``shard_map``: N split (scales split with their columns) or K split (per-channel scales
+    replicated; group-wise ones split on their group axis, so every shard keeps the group size G). On CUDA,
     decode-sized rows run the Pallas kernel; everything else runs plain XLA.
     """
     if scale is None:
         return xla_layer_matmul(x, w, None, layer)
     if kind_of(w.dtype) is None:
         raise ValueError(f"layer_matmul: a scale was given but w is {w.dtype}, not int8 or float8_e4m3fn")
+    group = group_size_of(w, scale)
     m = math.prod(x.shape[:-1])
-    cfg = config_for(m, x.shape[-1], w.shape[-1], w.dtype, paired=needs_pairs(w)) if plgpu is not None else None
+    cfg = (config_for(m, x.shape[-1], w.shape[-1], w.dtype, paired=needs_pairs(w), group=group)
+           if plgpu is not None else None)
     if cfg is None:
         return xla_layer_matmul(x, w, scale, layer)
     return jax.lax.platform_dependent(
@@ -342,6 +445,6 @@ def layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer) -> 
         default=xla_layer_matmul)
 
 
-__all__ = ["GemmConfig", "MAX_KERNEL_ROWS", "config_for", "layer_matmul", "needs_pairs", "quant_matmul_pallas",
-           "split_for", "xla_layer_matmul"]
+__all__ = ["GemmConfig", "MAX_KERNEL_ROWS", "config_for", "dequantize_groups", "group_size_of", "layer_matmul",
+           "needs_pairs", "quant_matmul_pallas", "split_for", "xla_layer_matmul"]
 
