@@ -169,7 +169,8 @@ def bench(cfg: LlamaConfig, *, pp: int, tp: int, microbatches: int, batch: int, 
           gpu_memory_utilization: float = planning.DEFAULT_GPU_MEMORY_UTILIZATION) -> dict:
     """Prefill and decode timings of one layout and batch on random weights, as a JSON-able dict
     (``tick_ms``, ``token_latency_ms``, ``aggregate_tok_s``, ``prefill_ms``, ``mbu`` ...).
-    ``quantization`` ("int8", "fp8"): random 8-bit decoder matrices with scales; ``mbu`` counts their bytes."""
+    ``quantization`` ("int8", "fp8", "q8_0"): random 8-bit decoder matrices with scales; ``mbu`` counts their
+    bytes."""
     layout = partition.make_layout(cfg, pp, tp)
     M, b = microbatches, batch
     cache_len = bench_cache_len(prompt_len, new_tokens)
@@ -267,7 +268,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--new-tokens", type=positive_int, default=128, help="decode steps (default: 128)")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES, help="default: bfloat16")
     parser.add_argument("--quantization", default=None, choices=QUANT_KINDS,
-                        help="8-bit decoder weights with per-channel scales, as LLM(quantization=...) (default: none)")
+                        help="8-bit decoder weights with their scales, as LLM(quantization=...) (default: none)")
     parser.add_argument("--unroll", default=None, type=_unroll,
                         help="layer-loop unroll: an int, or 'full' (default: as LLM, 4 on GPUs and 1 elsewhere)")
     parser.add_argument("--bandwidth-gbps", type=positive_float, default=None,

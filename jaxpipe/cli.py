@@ -24,6 +24,7 @@ from typing import Any, Sequence
 from jaxpipe import distributed
 from jaxpipe.argtypes import int_at_least, positive_float, positive_int, seed, unit_fraction
 from jaxpipe.errors import JaxpipeError, LayoutError, UsageError
+from jaxpipe.quantize import QUANT_KINDS
 
 PROG = "jaxpipe"
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -78,9 +79,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     group.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                        help="weight and activation dtype; auto = the checkpoint's (float32 for GGUF) "
                             "(default: auto)")
-    group.add_argument("--quantization", "-q", choices=("int8", "fp8"), default=None,
-                       help="8-bit decoder weights (q|k|v, o, gate|up, down) with per-channel scales, quantized "
-                            "on load; embeddings, norms and lm_head stay in --dtype (default: none, or what a "
+    group.add_argument("--quantization", "-q", choices=QUANT_KINDS, default=None,
+                       help="8-bit decoder weights (q|k|v, o, gate|up, down), quantized on load: int8 or fp8 with "
+                            "per-channel scales, q8_0 with a scale per 32 input rows (a Q8_0 GGUF keeps its "
+                            "blocks); embeddings, norms and lm_head stay in --dtype (default: none, or what a "
                             "`jaxpipe convert --quantization` directory holds)")
     return group
 

@@ -4,6 +4,8 @@
 ``--quantization int8|fp8`` stores the decoder's matrices (``QUANTIZED_NAMES``) in 8 bits with their
 per-output-channel float32 scales, quantized from the source's stored values exactly as ``LLM(...,
 quantization=)`` quantizes them on load (``jaxpipe.quantize``), so loading the directory gives the same bits.
+``--quantization q8_0``: int8 with a float16 scale per 32 input rows; a GGUF file whose matrices are Q8_0
+gives its blocks as they are.
 
 DST is written into a temporary sibling directory and renamed into place at the end, so a failed or
 interrupted conversion never leaves a half-written DST behind. Layer files are written in parallel
@@ -33,7 +35,7 @@ from jaxpipe.checkpoints import (
     GLOBALS_FILE, MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, QUANTIZED_NAMES, CheckpointReader, Key,
     checksum, expected_tensors, key_name, layer_file, open_checkpoint, scale_name, split_key)
 from jaxpipe.errors import CheckpointError
-from jaxpipe.quantize import QUANT_KINDS, quant_dtype, quantize_host
+from jaxpipe.quantize import QUANT_KINDS, quant_dtype, quantize_host, scale_dtype
 
 DTYPE_CHOICES = dtypes.RUN_DTYPES
 # Files being converted at once hold their tensors in memory: at most this many bytes of them.
@@ -47,9 +49,10 @@ def convert_checkpoint(src: str | os.PathLike | CheckpointReader, dst: str | os.
     ``CheckpointReader``) into a jaxpipe directory.
 
     ``dtype`` is None (the default) to keep each tensor's stored dtype (float32 for a dequantized GGUF), or
-    "float32", "bfloat16", "float16". ``quantization`` ("int8", "fp8"): the decoder matrices are written in
-    8 bits with per-output-channel scales, quantized from the stored values (``dtype`` applies to the other
-    tensors); a quantized source keeps its kind (None or the same kind; another kind is refused). An existing
+    "float32", "bfloat16", "float16". ``quantization`` ("int8", "fp8", "q8_0"): the decoder matrices are
+    written in 8 bits with their scales, quantized from the stored values (``dtype`` applies to the other
+    tensors; a GGUF of Q8_0 matrices gives its blocks as they are for "q8_0"); a quantized source keeps its
+    kind (None or the same kind; another kind is refused). An existing
     ``dst`` is refused unless ``force``, in which case it is replaced only once the new one is complete.
     ``workers`` threads write layer files (default: one per CPU, at most 16). Returns the absolute path of
     ``dst``.
@@ -61,6 +64,8 @@ def convert_checkpoint(src: str | os.PathLike | CheckpointReader, dst: str | os.
     target = None if dtype is None else dtypes.run_dtype(dtype)
     # Opening validates the whole source before anything is written.
     reader = src if isinstance(src, CheckpointReader) else open_checkpoint(src)
+    if quantization is not None and reader.quantization is None:
+        reader.keep_quantized(quantization)  # a Q8_0 GGUF's blocks are written as they are
     if reader.quantization is not None and quantization not in (None, reader.quantization):
         raise CheckpointError(f"{reader.path} holds {reader.quantization} weights already; quantizing them again "
                               f"as {quantization} would compound the errors: convert the original float "
@@ -102,10 +107,10 @@ def _write_jaxpipe_dir(reader: CheckpointReader, out: str, target: np.dtype | No
         groups.setdefault(filename, []).append(key)
         written = [key]
         if kind is not None and (name in QUANTIZED_NAMES or name.endswith("_scale")):
-            # 8-bit values and float32 scales, never cast; a new matrix's scales are written beside it.
-            out_dtype[key] = quant_dtype(kind) if name in QUANTIZED_NAMES else np.dtype(np.float32)
+            # 8-bit values and their scales, never cast; a new matrix's scales are written beside it.
+            out_dtype[key] = quant_dtype(kind) if name in QUANTIZED_NAMES else scale_dtype(kind)
             if quantize is not None:
-                out_dtype[(scale_name(name), layer)] = np.dtype(np.float32)
+                out_dtype[(scale_name(name), layer)] = scale_dtype(kind)
                 written.append((scale_name(name), layer))
         else:
             out_dtype[key] = target if target is not None else reader.dtype(name, layer)
@@ -249,9 +254,10 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                              "file is dequantized to float32). On a CPU, bfloat16 weights decode about 2x "
                              "slower than float32")
     parser.add_argument("--quantization", choices=QUANT_KINDS, default=None,
-                        help="store the decoder's linear layers in 8 bits (int8, or fp8 e4m3) with one float32 "
-                             "scale per output channel; embeddings, norms and the lm_head keep --dtype. Loading "
-                             "DST then needs no flag (default: no quantization)")
+                        help="store the decoder's linear layers in 8 bits: int8 or fp8 (e4m3) with one float32 "
+                             "scale per output channel, or q8_0 (int8, a float16 scale per 32 input rows, as "
+                             "llama.cpp; a Q8_0 GGUF keeps its blocks); embeddings, norms and the lm_head keep "
+                             "--dtype. Loading DST then needs no flag (default: no quantization)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser

@@ -101,9 +101,11 @@ class LLM:
         dtype: "auto" (the checkpoint's dtype; float32 for GGUF), "float32", "bfloat16" or "float16".
         quantization: None, "int8" or "fp8" (e4m3): the decoder's linear layers (q|k|v, o, gate|up, down)
             in 8 bits with one float32 scale per output channel (symmetric), quantized on load from a float
-            checkpoint; embeddings, norms, the lm_head and the KV cache stay in ``dtype``. A directory
-            written by ``jaxpipe convert --quantization`` is quantized already (None takes its kind; another
-            kind is an error). See the README's "Quantization" for speed and accuracy.
+            checkpoint; "q8_0": int8 with one float16 scale per 32 input rows (llama.cpp's Q8_0; a GGUF
+            file whose matrices are Q8_0 is loaded as its blocks, nothing dequantized). Embeddings, norms,
+            the lm_head and the KV cache stay in ``dtype``. A directory written by ``jaxpipe convert
+            --quantization`` is quantized already (None takes its kind; another kind is an error). See the
+            README's "Quantization" for speed and accuracy.
         max_model_len: longest sequence (prompt + generated) allowed; default the model's
             ``max_position_embeddings``. Every slot's KV cache holds this many positions.
         max_num_seqs: slots, i.e. sequences decoded together (rounded up to a multiple of the
@@ -132,7 +134,7 @@ class LLM:
             process. Progress bars show on process 0 only.
 
     vLLM's other arguments are accepted: those that change nothing here are listed in the README;
-    ``trust_remote_code`` is accepted (Llama needs no remote code); LoRA, quantization other than int8/fp8,
+    ``trust_remote_code`` is accepted (Llama needs no remote code); LoRA, quantization other than int8/fp8/q8_0,
     CPU offload, a KV-cache dtype other than "auto" and hub revisions are refused.
     """
 
@@ -155,7 +157,8 @@ class LLM:
             raise TypeError(f"LLM() got unexpected keyword argument(s) {unknown}")
         if quantization is not None and quantization not in QUANT_KINDS:
             raise UsageError(f"quantization={quantization!r} is not supported: use None, "
-                             f"{' or '.join(repr(k) for k in QUANT_KINDS)} (8-bit weights, per-channel scales)")
+                             f"{', '.join(repr(k) for k in QUANT_KINDS)} (8-bit weights; int8 and fp8 with "
+                             "per-channel scales, q8_0 with a scale per 32 input rows)")
         _refuse(revision is not None, "revision", revision, "jaxpipe loads local checkpoints only; pass a path")
         _refuse(bool(cpu_offload_gb), "cpu_offload_gb", cpu_offload_gb, "weights stay on the devices")
         _refuse(kv_cache_dtype != "auto", "kv_cache_dtype", kv_cache_dtype, "the KV cache is kept in `dtype`")
@@ -209,6 +212,8 @@ class LLM:
             path = default_model_path(progress) if model is None else os.fspath(model)
             self.reader = open_checkpoint(path)  # validates files, names and shapes
             cfg = self.reader.config
+            if quantization is not None and self.reader.quantization is None:
+                self.reader.keep_quantized(quantization)  # a Q8_0 GGUF: its blocks as they are
             stored = self.reader.quantization
             if stored is not None and quantization not in (None, stored):
                 raise UsageError(f"quantization={quantization!r}, but {path} holds {stored} weights (written by "

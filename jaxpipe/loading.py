@@ -17,6 +17,8 @@ The layout knowledge lives here and nowhere else:
   (``column_amax``); a block of a column-split matrix (q|k|v, gate|up) thus holds exactly the columns of
   quantizing the whole matrix, and a block of a row-split one (o, down) its rows (so every process reads
   all rows of those: the scales need them). The scale parameters are made from the same per-tensor scales.
+  Group-wise kinds (q8_0) need no whole columns: each block quantizes its own rows (whole groups, as
+  ``partition.check_quantization`` guarantees), and a block of scales reads the rows of its groups.
   From a quantized jaxpipe directory, values and scales are copied as they are (the same bits: ``jaxpipe
   convert --quantization`` quantizes the same way).
 
@@ -46,7 +48,8 @@ from jaxpipe.config import LlamaConfig
 from jaxpipe.errors import CheckpointError
 from jaxpipe.model import QUANTIZED_PARAMS
 from jaxpipe.pipeline import PipelineModel, flatten_paths, map_paths
-from jaxpipe.quantize import column_amax, quantize_into, scale_from_amax
+from jaxpipe.quantize import (
+    column_amax, group_scales, group_size, quantize_host, quantize_into, scale_from_amax)
 
 # Model parameters made of several checkpoint tensors: their columns are concatenated shard by shard
 # (see DecoderLayers), so each tensor shard's slice holds its own q, k, v (gate, up) columns.
@@ -67,7 +70,8 @@ class Piece:
     ``quantize`` ("int8" / "fp8"), quantizing a float matrix on load: with ``op="quantize"`` the block gets
     the 8-bit values of ``src``, with ``op="scale"`` the float32 scales of ``src``'s columns (then ``src``
     spans all rows); both use the scales of the whole columns, so the region read for the tensor spans all
-    rows (``full_rows``)."""
+    rows (``full_rows``). For a group-wise kind, ``src`` holds the rows of the block's groups and nothing
+    more is read."""
 
     name: str
     layer: int | None
@@ -157,10 +161,11 @@ def _layer_tasks(reader, layout, kv_cols, name: str, bounds, shape,
         op = "scale" if is_scale else "quantize"  # from the float matrices
     elif is_scale:
         parts = tuple(scale_name(p) for p in parts)  # stored scales of a quantized checkpoint
+    grouped = group_size(on_load) if op is not None else None
     try:
         widths = [len(kv_cols) if kv_cols is not None and p in _KV_NAMES else reader.shape(p, 0)[-1]
                   for p in parts]
-        rows = [reader.shape(p, 0)[0] for p in parts] if op is not None else None
+        rows = [reader.shape(p, 0)[0] for p in parts] if op is not None and not grouped else None
     except CheckpointError as e:
         raise CheckpointError(f"model parameter layers.{name} has no checkpoint tensor: {e}") from None
     if sum(widths) != shape[-1]:
@@ -185,9 +190,14 @@ def _layer_tasks(reader, layout, kv_cols, name: str, bounds, shape,
                 src_cols = slice(c0, c1)
                 if not np.array_equal(wanted, np.arange(c0, c1)):
                     cols = wanted - c0
-            src = (slice(0, rows[part]), src_cols) if op == "scale" else mid_src + (src_cols,)
+            if op == "scale" and grouped:  # the rows of this block's groups
+                src = (slice(mid[0][0] * grouped, mid[0][1] * grouped), src_cols)
+            elif op == "scale":
+                src = (slice(0, rows[part]), src_cols)
+            else:
+                src = mid_src + (src_cols,)
             pieces.append(Piece(parts[part], layer, src, (j,) + mid_dst + (slice(out, out + b - a),), cols,
-                                op=op, quantize=on_load if op else None, full_rows=rows[part] if op else None))
+                                op=op, quantize=on_load if op else None, full_rows=rows[part] if rows else None))
         tasks.append(pieces)
     return tasks
 
@@ -282,13 +292,20 @@ class _Regions:
             if region is None:
                 region = self.reader.read_slice(key[0], key[1], tuple(slice(a, b) for a, b in box))
                 self._data[key] = region
-            if piece.op is not None and key not in self._scales:
+            if piece.op is not None and not group_size(piece.quantize) and key not in self._scales:
                 # The region spans every row of its columns: these are the whole columns' scales.
                 self._scales[key] = scale_from_amax(column_amax(region), piece.quantize)
         rel = tuple(slice(s.start - b[0], s.stop - b[0]) for s, b in zip(piece.src, box))
         if piece.op is None:
             src = region[rel]
             copy_into(block[piece.dst], src if piece.cols is None else src[..., piece.cols])
+        elif group_size(piece.quantize):  # group-wise: from this block's own rows
+            src = region[rel]
+            src = src if piece.cols is None else src[..., piece.cols]
+            if piece.op == "scale":
+                block[piece.dst] = group_scales(src, piece.quantize)
+            else:
+                block[piece.dst] = quantize_host(src, piece.quantize)[0]
         else:
             scale = self._scales[key][rel[-1]]
             if piece.cols is not None:

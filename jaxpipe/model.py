@@ -94,8 +94,8 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = 0.02) ->
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
-# The decoder matrices that ``quantization`` stores in 8 bits, each with a float32 ``<name>_scale [L, out]``
-# (per output channel). Norms, biases, the embedding and the lm_head stay in the run dtype.
+# The decoder matrices that ``quantization`` stores in 8 bits, each with its ``<name>_scale``: float32
+# ``[L, out]`` per output channel (int8, fp8), float16 ``[L, in / 32, out]`` per group (q8_0). Norms, biases, the embedding and the lm_head stay in the run dtype.
 QUANTIZED_PARAMS = ("wqkv", "wo", "w_gate_up", "w_down")
 
 
@@ -105,7 +105,7 @@ class DecoderLayers(nnx.Module):
     def __init__(self, cfg: LlamaConfig, num_layers: int, *, dtype=jnp.float32, rngs: nnx.Rngs,
                  tensor_parallel: int = 1, kv_size: int | None = None, quantization: str | None = None) -> None:
         """``kv_size``: width of the (possibly replicated) KV projection over all tensor shards.
-        ``quantization``: None, or "int8" / "fp8" for 8-bit ``QUANTIZED_PARAMS`` with per-channel scales."""
+        ``quantization``: None, or "int8" / "fp8" / "q8_0" for 8-bit ``QUANTIZED_PARAMS`` with their scales."""
         self.cfg = cfg
         self.tensor_parallel = tensor_parallel
         self.quantization = None if quantization is None else check_kind(quantization)
@@ -131,7 +131,7 @@ class DecoderLayers(nnx.Module):
 
     def _matrix(self, name: str, shape: tuple[int, ...], dtype, rngs: nnx.Rngs) -> None:
         """A stacked matrix ``[L, in, out]``: normal(0, 0.02) in ``dtype``, or random 8-bit values with
-        their ``<name>_scale [L, out]`` when quantized (real values come from loading)."""
+        their ``<name>_scale`` when quantized (real values come from loading)."""
         if self.quantization is None:
             setattr(self, name, nnx.Param(_normal(rngs, shape, dtype)))
         else:

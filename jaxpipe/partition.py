@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxpipe.config import LlamaConfig
 from jaxpipe.errors import LayoutError, MemoryPlanError
-from jaxpipe.quantize import quant_dtype
+from jaxpipe.quantize import group_size, quant_dtype
 from jaxpipe.sharding import CACHE_AXES, MESH_AXES, PARAM_AXES, RULES
 
 # One PartitionSpec per parameter (names as in docs/DESIGN.md) and for the KV cache, from their logical axes.
@@ -40,9 +40,13 @@ CACHE_SPEC = RULES.spec(*CACHE_AXES)
 REPLICATED = P()
 
 
-def param_spec(path: str) -> P:
-    """The PartitionSpec of a parameter, by its dotted path (``layers.wq``, ``embed``...)."""
+def param_spec(path: str, ndim: int | None = None) -> P:
+    """The PartitionSpec of a parameter, by its dotted path (``layers.wq``, ``embed``...). ``ndim``: the
+    parameter's rank, which tells group-wise scales (q8_0: ``[layers, in / 32, out]``, split exactly like
+    their matrix, groups with its rows) from per-channel ones (``[layers, out]``)."""
     try:
+        if path.endswith("_scale") and ndim == 3:
+            return PARAM_SPECS[path[:-len("_scale")]]
         return PARAM_SPECS[path]
     except KeyError:
         raise KeyError(f"no PartitionSpec for parameter {path!r}; add it to PARAM_SPECS") from None
@@ -278,7 +282,8 @@ def plan_memory(cfg: LlamaConfig, layout: Layout, *, dtype, max_model_len: int, 
                 device_bytes: int | None, quantization: str | None = None) -> MemoryPlan:
     """Bytes per device for weights, KV cache and workspace, per stage. Pure arithmetic: nothing loads.
 
-    ``quantization`` ("int8", "fp8"): the decoder matrices take 1 byte per weight plus 4 per scale column;
+    ``quantization`` ("int8", "fp8", "q8_0"): the decoder matrices take 1 byte per weight plus their scales
+    (4 bytes per column; q8_0 2 bytes per 32 weights);
     the embedding, lm_head, norms and the KV cache stay in ``dtype``."""
     nbytes = dtype_bytes(dtype)
     tp = layout.tensor_parallel
@@ -302,10 +307,26 @@ def plan_memory(cfg: LlamaConfig, layout: Layout, *, dtype, max_model_len: int, 
                       max_model_len=max_model_len, batch=batch)
 
 
+def check_quantization(cfg: LlamaConfig, layout: Layout, quantization: str | None) -> None:
+    """Refuse (LayoutError) a group-wise quantization whose groups of input rows would straddle a matrix's
+    tensor shards: every shard's rows of q|k|v, o, gate|up and down must be whole groups."""
+    g = None if quantization is None else group_size(quantization)
+    if g is None:
+        return
+    tp = layout.tensor_parallel
+    rows = {"hidden_size": cfg.hidden_size, f"q heads x head_dim / tp ({tp})": cfg.q_size // tp,
+            f"intermediate_size / tp ({tp})": cfg.intermediate_size // tp}
+    for what, k in rows.items():
+        if k % g:
+            raise LayoutError(f"quantization={quantization!r} scales groups of {g} input rows, but {what} is {k}: "
+                              f"use a tensor_parallel_size that leaves whole groups, or int8 (per-channel scales)")
+
+
 def layer_bytes_per_shard(cfg: LlamaConfig, tp: int, nbytes: int, quantization: str | None = None) -> int:
     """Bytes of one decoder layer on one tensor shard: matrices (1 byte per weight when quantized, with a
     float32 scale per output column: column-split q|k|v and gate|up carry their own columns' scales, o and
-    down every column's) plus norms and biases in ``nbytes``."""
+    down every column's; q8_0: a float16 scale per 32 weights, split with them) plus norms and biases in
+    ``nbytes``."""
     h, i = cfg.hidden_size, cfg.intermediate_size
     kv = kv_heads_per_shard(cfg, tp) * cfg.head_dim
     q = cfg.q_size // tp
@@ -317,6 +338,8 @@ def layer_bytes_per_shard(cfg: LlamaConfig, tp: int, nbytes: int, quantization: 
         n += 2 * (i // tp) + h
     if quantization is None:
         return (matrices + n) * nbytes
+    if group_size(quantization):
+        return matrices * quant_dtype(quantization).itemsize + matrices // group_size(quantization) * 2 + n * nbytes
     scale_columns = (q + 2 * kv) + h + 2 * (i // tp) + h
     return matrices * quant_dtype(quantization).itemsize + scale_columns * 4 + n * nbytes
 

@@ -246,9 +246,11 @@ class PipelineModel:
     def __init__(self, cfg: LlamaConfig, layout: Layout, mesh: Mesh, dtype, *, unroll: int | bool | None = None,
                  quantization: str | None = None):
         """``quantization``: None (every weight in ``dtype``), or "int8" / "fp8": the decoder matrices in 8 bits
-        with per-output-channel float32 scales (``jaxpipe.quantize``; ``model.QUANTIZED_PARAMS``).
+        with per-output-channel float32 scales, or "q8_0": int8 with a float16 scale per 32 input rows
+        (``jaxpipe.quantize``; ``model.QUANTIZED_PARAMS``).
         ``unroll``: the layer loop's unroll factor (an int, or True for all layers); None picks by platform."""
         _choose_partitioner(mesh)
+        partition.check_quantization(cfg, layout, quantization)
         self.cfg, self.layout, self.mesh, self.dtype = cfg, layout, mesh, jnp.dtype(dtype)
         self.unroll = default_unroll(mesh.devices.flat[0].platform) if unroll is None else unroll
         self.quantization = quantization
@@ -260,7 +262,7 @@ class PipelineModel:
         abstract = nnx.eval_shape(lambda: self._module(0))
         self.graphdef, self._abstract_state = nnx.split(abstract)
         self.abstract_params: dict = nnx.to_pure_dict(self._abstract_state)
-        self.param_specs = map_paths(lambda path, _: partition.param_spec(path), self.abstract_params)
+        self.param_specs = map_paths(lambda path, p: partition.param_spec(path, len(p.shape)), self.abstract_params)
         self.param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), self.param_specs)
         self.param_shardings_flat = flatten_paths(self.param_shardings)
 

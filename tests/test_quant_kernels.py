@@ -456,15 +456,25 @@ def test_grouped_bad_scales_are_refused():
 
 
 def test_config_for_grouped_scales():
-    """Group-wise scales get K tiles of whole groups; for Q8_0's 32 that is the per-channel tiling itself."""
+    """Group-wise scales get K tiles of whole groups: for Q8_0's 32 one group per tile (a broadcast of the
+    scales, no reshape), except through the int16 view with more than one row ([128, 64] tiles, pipelined);
+    the rest of the tiling is the per-channel one."""
     shapes = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (5504, 4096), (4096, 6144)]
     for m in (1, 8, 16, 17, 64, 128):
         for k, n in shapes:
             for dt in (jnp.int8, jnp.float8_e4m3fn):
                 for paired in (False, True):
                     cfg = qm.config_for(m, k, n, dt, paired=paired, group=32)
-                    assert cfg is not None and cfg.fits(m, k, n, 32) and cfg.bk % 32 == 0, (m, k, n, cfg)
-                    assert cfg == qm.config_for(m, k, n, dt, paired=paired)
+                    assert cfg is not None and cfg.fits(m, k, n, 32), (m, k, n, cfg)
+                    per_channel = qm.config_for(m, k, n, dt, paired=paired)
+                    assert (cfg.form, cfg.bm, cfg.convert) == (per_channel.form, per_channel.bm, per_channel.convert)
+                    if m > 1 and paired:
+                        assert (cfg.bk, cfg.num_stages, cfg.prefetch) == (128, 4, False), cfg
+                    else:
+                        # One tile per one-row program (fp8 through the int16 view: up to 8, as per channel).
+                        tiles = (k // 32) // cfg.split_k
+                        fp8_paired = paired and dt == jnp.float8_e4m3fn
+                        assert cfg.bk == 32 and (m > 1 or tiles == 1 or (fp8_paired and tiles in (2, 4, 8))), cfg
     assert qm.config_for(1, 4096, 4096, jnp.int8, group=256) is None  # one-row K tiles are at most 128
     assert qm.config_for(16, 4096, 4096, jnp.int8, group=256).bk == 256
     assert qm.config_for(1, 96 * 32, 4096, jnp.int8, group=96) is None  # no power-of-two tile of groups

@@ -84,7 +84,11 @@ def main() -> None:
     ap.add_argument("--xla-m", type=int, nargs="*", default=[1, 64], help="row counts for XLA's 8-bit path")
     ap.add_argument("--kinds", nargs="+", default=["int8", "fp8"], choices=KINDS)
     ap.add_argument("--gemms", nargs="+", default=["gate_up", "qkv", "down", "o"])
-    ap.add_argument("--sweep", default="wide", choices=["wide", "narrow", "none"])
+    ap.add_argument("--sweep", default="wide", choices=["wide", "narrow", "groups", "none"],
+                    help="groups: one-group K tiles and runners-up for group-wise kinds (others: as none)")
+    ap.add_argument("--no-round", action="store_true",
+                    help="experiment: also time group-wise kernels without rounding the dequantized weights "
+                         "(not what layer_matmul computes: the cost of the rounding)")
     ap.add_argument("--budget-s", type=float, default=240.0, help="wall budget for the whole run")
     ap.add_argument("--sweep-frac", type=float, default=0.55, help="share of the budget for the sweep")
     ap.add_argument("--reps", type=int, default=10)
@@ -262,6 +266,21 @@ def main() -> None:
                             best[g, m, kd] = (b2b, cfg)
                     except Exception as e:  # noqa: BLE001
                         emit(**crec, error=repr(e)[:600])
+                if args.no_round and group and m == 1 and shipped is not None and not interpret:
+                    # The one-row form without its rounding of the weights to bf16 (kernel internals,
+                    # patched for this timing only): what that rounding costs.
+                    keep = qm._round_to
+                    qm._round_to = lambda w, dtype: w
+                    try:
+                        for cfg in [shipped] + [c for c in cands if c.bk == group][:1]:
+                            f = loop_fn(lambda x, w, s, l, c=cfg: qm.quant_matmul_pallas(x, w, s, l, c), w, s)
+                            ms, b2b = timed(f, x, w, s)
+                            emit(**rec, kind=kd, variant="kernel_no_round", cfg=cfg_str(cfg), ms=ms, ms_b2b=b2b,
+                                 floor_ms=floor_ms, frac_floor=floor_ms / b2b)
+                    except Exception as e:  # noqa: BLE001
+                        emit(**rec, kind=kd, variant="kernel_no_round", error=repr(e)[:600])
+                    finally:
+                        qm._round_to = keep
     for (g, m, kd), (ms, cfg) in sorted(best.items()):
         emit(section="best", gemm=g, m=m, kind=kd, ms_b2b=ms, cfg=cfg_str(cfg))
 
@@ -288,6 +307,22 @@ def candidates(qm, m, k, n, kind, sweep, paired=False):
         if c.fits(m, k, n, group) and c not in out:
             out.append(c)
 
+    if sweep == "groups":  # group-wise scales: one group per K tile (no reshape) against runners-up
+        if not group:
+            return out
+        if m == 1:
+            add("gemv", 1, 256, group, 4, 1, True, split=k // group)
+            add("gemv", 1, 512, group, 8, 1, True, split=k // group)
+            add("gemv", 1, 256, group, 4, 1, True, split=k // 128)
+            add("gemv", 1, 256, group, 4, 3, False, split=k // 128)
+            add("gemv", 1, 256, 64, 4, 1, True, split=k // 64)
+        else:
+            bm = 16 if m <= 16 else 32 if m <= 32 else 64
+            add("dot", bm, 64, group, 4, 4)
+            add("dot", bm, 64, group, 4, 6)
+            add("dot", bm, 128, group, 4, 4)
+            add("dot", bm, 64, 128, 4, 4)
+        return out
     if m == 1:
         add("gemv", 1, 256, 128, 4, 1, True, split=k // 128)
         add("gemv", 1, 256, 64, 4, 1, True)

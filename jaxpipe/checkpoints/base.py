@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxpipe.config import LlamaConfig
 from jaxpipe.errors import CheckpointError
+from jaxpipe.quantize import scale_shape
 
 # A canonical tensor key: "embed" for a global tensor, ("wq", 3) for a per-layer one.
 Key = Union[str, tuple[str, int]]
@@ -28,8 +29,9 @@ LAYER_NAMES = ("attn_norm", "wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo",
 VOCAB_NAMES = ("embed", "lm_head")  # [V, H] tensors that may be read a slice of rows at a time
 # HF and GGUF store these matrices [out, in] (nn.Linear.weight); jaxpipe keeps them [in, out].
 TRANSPOSED_NAMES = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"})
-# The matrices a quantized checkpoint (``jaxpipe convert --quantization``) stores in 8 bits, each with its
-# per-output-channel float32 scales ``<name>_scale [out]`` (jaxpipe.quantize).
+# The matrices a quantized checkpoint (``jaxpipe convert --quantization``, a GGUF file of Q8_0 tensors) stores
+# in 8 bits, each with its scales ``<name>_scale``: float32 ``[out]`` per output channel, or float16
+# ``[in / 32, out]`` per group of 32 input rows for q8_0 (jaxpipe.quantize).
 QUANTIZED_NAMES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 SCALE_NAMES = tuple(f"{n}_scale" for n in QUANTIZED_NAMES)
 
@@ -47,8 +49,8 @@ def expected_tensors(config: LlamaConfig, quantization: str | None = None) -> di
 
     Global tensors come first ("embed", "final_norm", "lm_head" unless tied), then each layer's
     tensors keyed ``(name, layer)`` in ``LAYER_NAMES`` order; biases only where the config asks for them.
-    A quantized checkpoint (``quantization`` "int8" / "fp8") also holds each ``QUANTIZED_NAMES`` matrix's
-    scales ``<name>_scale [out]``, right after the matrix.
+    A quantized checkpoint (``quantization`` "int8" / "fp8" / "q8_0") also holds each ``QUANTIZED_NAMES``
+    matrix's scales ``<name>_scale`` (``quantize.scale_shape``), right after the matrix.
     """
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     q, kv = config.q_size, config.kv_size
@@ -66,7 +68,7 @@ def expected_tensors(config: LlamaConfig, quantization: str | None = None) -> di
             if name in shapes:
                 out[(name, layer)] = shapes[name]
                 if quantization is not None and name in QUANTIZED_NAMES:
-                    out[(scale_name(name), layer)] = shapes[name][-1:]
+                    out[(scale_name(name), layer)] = scale_shape(shapes[name], quantization)
     return out
 
 
@@ -158,7 +160,7 @@ class CheckpointReader:
     """
 
     kind: str = ""
-    # "int8" / "fp8" when the checkpoint stores QUANTIZED_NAMES in 8 bits with their scales, else None.
+    # "int8" / "fp8" / "q8_0" when the checkpoint serves QUANTIZED_NAMES in 8 bits with their scales, else None.
     quantization: str | None = None
 
     def __init__(self, path: str, config: LlamaConfig, quantization: str | None = None) -> None:
@@ -184,6 +186,14 @@ class CheckpointReader:
     def nbytes(self, name: str, layer: int | None = None) -> int:
         """Bytes of one tensor as ``read`` returns it."""
         return int(np.prod(self.shape(name, layer))) * self.dtype(name, layer).itemsize
+
+    def keep_quantized(self, kind: str) -> bool:
+        """Serve the decoder matrices (``QUANTIZED_NAMES``) as ``kind``'s 8-bit values and scales exactly as
+        the file stores them, where it does (a GGUF file whose matrices are all Q8_0, for "q8_0"): then
+        ``quantization`` becomes ``kind`` and ``read`` returns int8 values and float16 scales, nothing
+        dequantized. Returns whether it did; other readers return False and loading quantizes their float
+        values (which, for a Q8_0 file's dequantized values, gives the same bits, only slower)."""
+        return False
 
     # -- reading ----------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """llama.cpp GGUF files (architecture 'llama'), read through gguf's memory-mapped reader and dequantized to
-float32 one tensor per read."""
+float32 one tensor per read; or, for a file whose decoder matrices are all Q8_0 and a model quantized as
+q8_0 (``keep_quantized``), those matrices' blocks served as they are: int8 values and float16 scales."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from jaxpipe.checkpoints.base import (
-    TRANSPOSED_NAMES, CheckpointReader, Key, key_name, load_local_tokenizer, one_line, split_key, stored_shape)
+    QUANTIZED_NAMES, SCALE_NAMES, TRANSPOSED_NAMES, CheckpointReader, Key, expected_tensors, key_name,
+    load_local_tokenizer, one_line, split_key, stored_shape)
 from jaxpipe.config import LlamaConfig
 from jaxpipe.errors import CheckpointError
 
@@ -139,14 +141,50 @@ class GGUFCheckpointReader(CheckpointReader):
             raise CheckpointError(f"{self.path}: unexpected tensor {extra[0]} for a llama model with "
                                   f"{self.config.num_layers} layers")
 
+    def keep_quantized(self, kind: str) -> bool:
+        from gguf import GGMLQuantizationType
+
+        if kind != "q8_0":
+            return self.quantization == kind
+        matrices = [k for k in self._expected if split_key(k)[0] in QUANTIZED_NAMES]
+        if any(self._tensors[gguf_name(k)].tensor_type != GGMLQuantizationType.Q8_0 for k in matrices):
+            return False
+        self.quantization = kind
+        self._expected = expected_tensors(self.config, kind)
+        return True
+
     def dtype(self, name: str, layer: int | None = None) -> np.dtype:
         self._key(name, layer)
+        if name in SCALE_NAMES:
+            return np.dtype(np.float16)
+        if self.quantization is not None and name in QUANTIZED_NAMES:
+            return np.dtype(np.int8)
         return np.dtype(np.float32)
+
+    def _read_q8_0(self, key: Key) -> np.ndarray:
+        """A Q8_0 matrix's values ``[in, out]`` int8, or (for ``<name>_scale``) its scales ``[in / 32, out]``
+        float16, from the blocks as stored: each is 2 bytes of float16 scale, then 32 int8 values."""
+        name, layer = split_key(key)
+        matrix = name[:-len("_scale")] if name in SCALE_NAMES else name
+        tensor = self._tensors[gguf_name((matrix, layer))]
+        out_dim, in_dim = stored_shape(matrix, self.shape(matrix, layer))
+        blocks = np.asarray(tensor.data).reshape(out_dim, in_dim // 32, 34)
+        if matrix == name:
+            arr = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(out_dim, in_dim)
+        else:
+            arr = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]
+        if matrix == "wq":
+            arr = _unpermute_rows(arr, self.config.num_heads)
+        elif matrix == "wk":
+            arr = _unpermute_rows(arr, self.config.num_kv_heads)
+        return np.ascontiguousarray(arr.T)
 
     def _read(self, key: Key, rows: slice | None) -> np.ndarray:
         from gguf.quants import dequantize
 
         name = split_key(key)[0]
+        if self.quantization is not None and (name in QUANTIZED_NAMES or name in SCALE_NAMES):
+            return self._read_q8_0(key)
         gname = gguf_name(key)
         tensor = self._tensors[gname]
         # Quantized data is laid out one row of blocks per numpy row, so slicing rows reads only those.

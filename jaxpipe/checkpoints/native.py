@@ -16,7 +16,9 @@ Quantized directories (``jaxpipe convert --quantization int8|fp8``): the manifes
 "int8"`` (or ``"fp8"``); every ``QUANTIZED_NAMES`` matrix is stored in 8 bits (dtype ``int8`` or
 ``float8_e4m3fn``, ``[in, out]`` as always) and its entry's ``"scale"`` names the entry of its float32
 per-output-channel scales ``layers.N.<name>_scale [out]`` (same file), with ``w ~= q * scale`` column by column
-(``jaxpipe.quantize``). Everything else stays in a float dtype. jaxpipe versions before quantization refuse
+(``jaxpipe.quantize``). ``"quantization": "q8_0"``: ``int8`` values and float16 scales
+``layers.N.<name>_scale [in / 32, out]``, one per 32 input rows of a column. Everything else stays in a float
+dtype. jaxpipe versions before quantization refuse
 such entries (they have a ``"scale"``) with an error saying so.
 
 Integrity: opening checks the manifest against every file's safetensors header (names, dtypes, shapes) and
@@ -46,7 +48,7 @@ from jaxpipe.checkpoints.base import (
 from jaxpipe.checkpoints.safetensors_file import SafetensorsFile
 from jaxpipe.config import LlamaConfig
 from jaxpipe.errors import CheckpointError
-from jaxpipe.quantize import QUANT_KINDS, SAFETENSORS_CODES, quant_dtype, storage_dtype
+from jaxpipe.quantize import QUANT_KINDS, SAFETENSORS_CODES, quant_dtype, scale_dtype, storage_dtype
 
 MANIFEST_FILE = "jaxpipe_manifest.json"
 MANIFEST_FORMAT = "jaxpipe"
@@ -181,8 +183,9 @@ class JaxpipeReader(CheckpointReader):
                 raise CheckpointError(f"{mpath}: tensor {name} of this {kind} checkpoint must be "
                                       f"{quant_dtype(kind).name} with \"scale\": {want!r}, got dtype "
                                       f"{entry['dtype']!r}, scale {entry.get('scale')!r}; {self._fix}")
-        elif base in SCALE_NAMES and entry["dtype"] != "float32":
-            raise CheckpointError(f"{mpath}: scales {name} must be float32, got {entry['dtype']!r}; {self._fix}")
+        elif base in SCALE_NAMES and kind is not None and entry["dtype"] != scale_dtype(kind).name:
+            raise CheckpointError(f"{mpath}: scales {name} of this {kind} checkpoint must be "
+                                  f"{scale_dtype(kind).name}, got {entry['dtype']!r}; {self._fix}")
         elif "scale" in entry or dt is not None:
             what = ("the manifest names no quantization" if kind is None else
                     f"only {', '.join(QUANTIZED_NAMES)} are quantized")

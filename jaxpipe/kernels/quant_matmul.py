@@ -126,15 +126,18 @@ def config_for(m: int, k: int, n: int, w_dtype, *, paired: bool = False,
     """The kernel tiling for ``m`` rows of ``[m, k] @ [k, n]`` with 8-bit weights, or None where plain
     XLA is as fast (large ``m``) or the shape does not tile. Chosen from static shapes only; ``paired``:
     the stack is read through its int16 view (``needs_pairs``); ``group``: the scales' group size
-    (``group_size_of``; None per channel): the K tile is then the first of the same candidates that holds a
-    power of two of whole groups; for Q8_0's 32 at Llama's shapes that is the per-channel tiling itself
-    (not yet re-swept for the extra multiply by the scales).
+    (``group_size_of``; None per channel).
 
     From the H200 sweeps (BENCHMARKS.md, 2026-12-01): one row is fastest as a split-K GEMV in which every
     program reduces one [128, 256..512] tile (all its loads in flight at once, no loop; 256 wide through
     the int16 view, and for fp8 there 8 [64, 256] tiles with register prefetch); more rows use tensor
     cores on [64, 64] weight tiles with a 4-stage pipeline, except through the int16 view, where Triton's
     pipeliner does badly and a register-prefetched single stage wins.
+
+    Group-wise scales (H200 sweep, BENCHMARKS.md 2026-12-02 "q8_0"): K tiles of one group each, so the
+    scales multiply as a plain [1, bn] broadcast (tiles of several groups reshape in registers: 1.3-2x
+    slower at one row), one tile per program at one row; through the int16 view with more rows, [128, 64]
+    tiles in a 4-stage pipeline.
     """
     kind = kind_of(w_dtype)
     if m > MAX_KERNEL_ROWS or kind is None:
@@ -144,8 +147,9 @@ def config_for(m: int, k: int, n: int, w_dtype, *, paired: bool = False,
     def k_tiles(options):  # K tiles that hold whole groups of scales
         return tuple(o for o in options if group is None or (o % group == 0 and _pow2(o // group)))
 
+    one_group = (group,) if group is not None and group <= 128 and _pow2(group) else ()  # a one-group tile
     if m == 1:
-        bk = _first_dividing(k_tiles((64, 32, 16) if paired and kind == "fp8" else (128, 64, 32, 16)), k)
+        bk = _first_dividing(k_tiles(one_group + ((64, 32, 16) if paired and kind == "fp8" else (128, 64, 32, 16))), k)
         bn = _first_dividing((256, 128, 64) if paired else (512, 256, 128, 64), n)
         if bk is None or bn is None:
             return None
@@ -159,10 +163,13 @@ def config_for(m: int, k: int, n: int, w_dtype, *, paired: bool = False,
     else:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         bn = _first_dividing((64,), n)
-        bk = _first_dividing(k_tiles((256, 128, 64) if paired else (64, 128, 256)), k)
+        if group is None:
+            bk = _first_dividing((256, 128, 64) if paired else (64, 128, 256), k)
+        else:
+            bk = _first_dividing(k_tiles((128, 256, 64) if paired else one_group + (64, 128, 256)), k)
         if bn is None or bk is None:
             return None
-        stages, prefetch = (1, True) if paired else (4, False)
+        stages, prefetch = (1, True) if paired and group is None else (4, False)
         cfg = GemmConfig("dot", bm, bn, bk, split_for(m, k, n, bm, bn, bk), 4, stages, convert, prefetch, True)
     return cfg if cfg.fits(m, k, n, group) else None
 
@@ -184,6 +191,8 @@ def _scale_groups(w, s, group: int):
     """``w[bk, bn]`` float32 times its group-wise scales ``s[bk // group, bn]``, each row of ``s`` over
     ``group`` consecutive rows of ``w`` (exact for 8-bit values times float16 scales)."""
     bk, bn = w.shape
+    if bk == group:  # one group per tile: a plain broadcast, no reshape in registers
+        return w * s.astype(jnp.float32)
     return (w.reshape(bk // group, group, bn) * s.astype(jnp.float32)[:, None, :]).reshape(bk, bn)
 
 
