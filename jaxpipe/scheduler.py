@@ -116,6 +116,7 @@ class LLMEngine:
                  steps_per_dispatch: int = 4, max_num_batched_tokens: int = 2048, max_prefill_chunk: int = 512,
                  max_logprobs: int = 20, attention: str = "xla") -> None:
         self.model, self.tokenizer = model, tokenizer
+        self._texts: dict[int, str] = {}  # token id -> its text alone (logprob entries' decoded_token)
         self.model_config = model.cfg
         self.max_model_len, self.eos_token_ids, self.seed = max_model_len, tuple(eos_token_ids), seed
         self.max_logprobs, self.attention = max_logprobs, attention
@@ -501,17 +502,26 @@ class LLMEngine:
         """Prompt positions a .. a+k-1 scored the tokens after them: entries a+1 .. a+k of prompt_logprobs."""
         lp, rank, top_ids, top_lp = scores
         want = req.params.prompt_logprobs
-        decode = self.tokenizer.decode
+        text = self._token_text
         ids = req.prompt_ids
+        k = max(0, min(k, len(ids) - 1 - a))
+        # Python lists first: indexing NumPy arrays element by element costs more than the rest of this loop.
+        lp, rank = lp[i, :k].tolist(), rank[i, :k].tolist()
+        top_ids, top_lp = top_ids[i, :k, :want].tolist(), top_lp[i, :k, :want].tolist()
         for j in range(k):
-            p = a + j + 1
-            if p >= len(ids):
-                break
-            tok = ids[p]
-            entry = {tok: Logprob(float(lp[i, j]), int(rank[i, j]), decode([tok]))}
-            for r, (tid, tlp) in enumerate(zip(top_ids[i, j, :want], top_lp[i, j, :want]), start=1):
-                entry.setdefault(int(tid), Logprob(float(tlp), r, decode([int(tid)])))
-            req.prompt_logprobs[p] = entry
+            tok = ids[a + j + 1]
+            entry = {tok: Logprob(lp[j], rank[j], text(tok))}
+            for r, (tid, tlp) in enumerate(zip(top_ids[j], top_lp[j]), start=1):
+                if tid not in entry:
+                    entry[tid] = Logprob(tlp, r, text(tid))
+            req.prompt_logprobs[a + j + 1] = entry
+
+    def _token_text(self, tid: int) -> str:
+        """``tokenizer.decode([tid])``, once per token id (scoring asks for the same ids at many positions)."""
+        out = self._texts.get(tid)
+        if out is None:
+            out = self._texts[tid] = self.tokenizer.decode([tid])
+        return out
 
     def _deliver(self, s: _Seq, tok: int, lp: float, rank: int, top_ids, top_lp, touched) -> None:
         req = s.req
@@ -520,10 +530,11 @@ class LLMEngine:
         s.cumulative += lp
         if s.logprobs is not None:
             k = req.params.logprobs
-            decode = self.tokenizer.decode
-            entry = {tok: Logprob(lp, rank, decode([tok]))}
-            for r, (tid, tlp) in enumerate(zip(top_ids[:k], top_lp[:k]), start=1):
-                entry.setdefault(int(tid), Logprob(float(tlp), r, decode([int(tid)])))
+            text = self._token_text
+            entry = {tok: Logprob(lp, rank, text(tok))}
+            for r, (tid, tlp) in enumerate(zip(top_ids[:k].tolist(), top_lp[:k].tolist()), start=1):
+                if tid not in entry:
+                    entry[tid] = Logprob(tlp, r, text(tid))
             s.logprobs.append(entry)
         done = s.detok.append(tok)
         if done or len(s.detok.token_ids) >= req.max_new:
