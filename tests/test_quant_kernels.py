@@ -116,6 +116,18 @@ def _assert_within(y, x, ref, mag):
     assert np.all(err <= bound), f"max err/bound {np.max(err / np.maximum(bound, 1e-300)):.3f}"
 
 
+def _each_layer_in_fori_loop(x, q, s, num_layers):
+    """``layer_matmul(x, q, s, i)`` for every layer i, the layer index traced by a jitted fori_loop."""
+    @jax.jit
+    def run(x, q, s):
+        def body(i, carry):
+            return carry.at[i].set(qm.layer_matmul(x, q, s, i))
+        return jax.lax.fori_loop(0, num_layers, body, jnp.zeros((num_layers,) + x.shape[:-1] + (q.shape[-1],),
+                                                                x.dtype))
+
+    return run(x, jnp.asarray(q), jnp.asarray(s))
+
+
 @pytest.mark.parametrize("kind", KINDS + (None,))
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
 def test_layer_matmul_matches_float64(kind, dtype):
@@ -137,13 +149,7 @@ def test_layer_matmul_traced_layer_in_fori_loop(kind):
     q, s = _stack(rng, num_layers, 64, 64, kind)
     x = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
 
-    @jax.jit
-    def run(x, q, s):
-        def body(i, carry):
-            return carry.at[i].set(qm.layer_matmul(x, q, s, i))
-        return jax.lax.fori_loop(0, num_layers, body, jnp.zeros((num_layers, 3, 64), x.dtype))
-
-    ys = run(x, jnp.asarray(q), jnp.asarray(s))
+    ys = _each_layer_in_fori_loop(x, q, s, num_layers)
     for layer in range(num_layers):
         _assert_close(ys[layer], x, q, s, layer)
 
@@ -350,13 +356,7 @@ def test_grouped_layer_matmul_traced_layer_in_fori_loop():
     q, s = _grouped_stack(rng, num_layers, 64, 64, 32)
     x = jnp.asarray(rng.standard_normal((3, 64)), jnp.bfloat16)
 
-    @jax.jit
-    def run(x, q, s):
-        def body(i, carry):
-            return carry.at[i].set(qm.layer_matmul(x, q, s, i))
-        return jax.lax.fori_loop(0, num_layers, body, jnp.zeros((num_layers, 3, 64), x.dtype))
-
-    ys = run(x, jnp.asarray(q), jnp.asarray(s))
+    ys = _each_layer_in_fori_loop(x, q, s, num_layers)
     for layer in range(num_layers):
         _assert_close_grouped(ys[layer], x, q, s, layer)
 
