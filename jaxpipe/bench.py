@@ -18,6 +18,7 @@ static cache makes us read all ``T`` positions; ``mbu_read`` counts those bytes 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -163,14 +164,37 @@ def random_array_program(sharding: NamedSharding, shape: tuple[int, ...], dtype,
                                  check_vma=False), out_shardings=sharding)
 
 
-def bench(cfg: LlamaConfig, *, pp: int, tp: int, microbatches: int, batch: int, prompt_len: int,
-          new_tokens: int, dtype, unroll, bandwidth_gbps: float | None, seed: int = 0,
-          attention: str | None = None, quantization: str | None = None,
-          gpu_memory_utilization: float = planning.DEFAULT_GPU_MEMORY_UTILIZATION) -> dict:
-    """Prefill and decode timings of one layout and batch on random weights, as a JSON-able dict
-    (``tick_ms``, ``token_latency_ms``, ``aggregate_tok_s``, ``prefill_ms``, ``mbu`` ...).
-    ``quantization`` ("int8", "fp8", "q8_0"): random 8-bit decoder matrices with scales; ``mbu`` counts their
-    bytes."""
+@dataclasses.dataclass
+class BenchRun:
+    """One benchmark layout and batch, built and ready to run: the model, its random weights, the engine,
+    and the arguments of its prefill (every slot, one chunk) and decode (``steps`` per dispatch) programs."""
+
+    pm: PipelineModel
+    params: dict
+    engine: Engine
+    plan: partition.MemoryPlan
+    prefill_spec: PrefillSpec
+    prefill_batch: PrefillBatch
+    decode_spec: DecodeSpec
+    sampling: object
+    release: np.ndarray
+    ticks: int
+    dispatches: int
+    init_s: float
+
+    def prefill(self):
+        return self.engine.prefill(self.prefill_spec, self.sampling, self.prefill_batch)
+
+    def decode(self):
+        """One decode dispatch (``decode_spec.steps`` steps of every row), not waited for."""
+        return self.engine.decode(self.decode_spec, self.sampling, self.release)
+
+
+def build(cfg: LlamaConfig, *, pp: int, tp: int, microbatches: int, batch: int, prompt_len: int,
+          new_tokens: int, dtype, unroll, seed: int = 0, attention: str | None = None,
+          quantization: str | None = None, steps_per_dispatch: int = 16,
+          gpu_memory_utilization: float = planning.DEFAULT_GPU_MEMORY_UTILIZATION) -> BenchRun:
+    """Check the memory plan, then build what :func:`bench` times (also used by ``tools/profile_decode.py``)."""
     layout = partition.make_layout(cfg, pp, tp)
     M, b = microbatches, batch
     cache_len = bench_cache_len(prompt_len, new_tokens)
@@ -186,41 +210,55 @@ def bench(cfg: LlamaConfig, *, pp: int, tp: int, microbatches: int, batch: int, 
     # The engine's own programs: every slot prefilled with one chunk, then decode dispatches of 16 steps.
     shape = EngineShape(microbatches=M, rows=b, cache_len=cache_len)
     engine = Engine(pm, params, shape)
-    R = engine.ring.slots
     rng = np.random.default_rng(seed)
     C = partition.next_power_of_two(prompt_len)
     tokens = np.zeros((M * b, C), np.int32)
     tokens[:, :prompt_len] = rng.integers(0, cfg.vocab_size, (M * b, prompt_len))
-    steps_per_dispatch = 16
     n_dispatch = max(1, (new_tokens - steps_per_dispatch) // steps_per_dispatch)
     slots = np.arange(M * b, dtype=np.int32)
-    batch = PrefillBatch(tokens, slots, np.zeros_like(slots), np.full_like(slots, prompt_len),
-                         np.ones((M * b,), bool), np.full_like(slots, steps_per_dispatch * (n_dispatch + 2)))
+    pbatch = PrefillBatch(tokens, slots, np.zeros_like(slots), np.full_like(slots, prompt_len),
+                          np.ones((M * b,), bool), np.full_like(slots, steps_per_dispatch * (n_dispatch + 2)))
     greedy = SamplerSpec()
     samp = engine.sampling_tensors(SamplingTable(M * b), 0, greedy.stop_width)
     prefill_spec = PrefillSpec(shape=shape, microbatches=M, rows=b, chunk=C, kv_len=min(cache_len, C),
                                sampler=greedy)
+    decode_spec = DecodeSpec(shape=shape, steps=steps_per_dispatch, kv_len=cache_len, sampler=greedy,
+                             attention=attention or default_impl(jax.devices()[0].platform))
+    return BenchRun(pm, params, engine, plan, prefill_spec, pbatch, decode_spec, samp,
+                    np.zeros((M * b,), bool), engine.ring.ticks_for_steps(steps_per_dispatch), n_dispatch, init_s)
+
+
+def bench(cfg: LlamaConfig, *, pp: int, tp: int, microbatches: int, batch: int, prompt_len: int,
+          new_tokens: int, dtype, unroll, bandwidth_gbps: float | None, seed: int = 0,
+          attention: str | None = None, quantization: str | None = None,
+          gpu_memory_utilization: float = planning.DEFAULT_GPU_MEMORY_UTILIZATION) -> dict:
+    """Prefill and decode timings of one layout and batch on random weights, as a JSON-able dict
+    (``tick_ms``, ``token_latency_ms``, ``aggregate_tok_s``, ``prefill_ms``, ``mbu`` ...).
+    ``quantization`` ("int8", "fp8", "q8_0"): random 8-bit decoder matrices with scales; ``mbu`` counts their
+    bytes."""
+    run = build(cfg, pp=pp, tp=tp, microbatches=microbatches, batch=batch, prompt_len=prompt_len,
+                new_tokens=new_tokens, dtype=dtype, unroll=unroll, seed=seed, attention=attention,
+                quantization=quantization, gpu_memory_utilization=gpu_memory_utilization)
+    layout, pm, plan, engine = run.pm.layout, run.pm, run.plan, run.engine
+    M, b, R = microbatches, batch, engine.ring.slots
+    cache_len, ticks, n_dispatch = run.decode_spec.kv_len, run.ticks, run.dispatches
     t0 = time.perf_counter()
-    jax.block_until_ready(engine.prefill(prefill_spec, samp, batch))
+    jax.block_until_ready(run.prefill())
     prefill_compile_s = time.perf_counter() - t0
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        jax.block_until_ready(engine.prefill(prefill_spec, samp, batch))
+        jax.block_until_ready(run.prefill())
         times.append(time.perf_counter() - t0)
     prefill_s = float(np.median(times))
 
-    decode_spec = DecodeSpec(shape=shape, steps=steps_per_dispatch, kv_len=cache_len, sampler=greedy,
-                             attention=attention or default_impl(jax.devices()[0].platform))
-    ticks = engine.ring.ticks_for_steps(steps_per_dispatch)
-    release = np.zeros((M * b,), bool)
     t0 = time.perf_counter()
-    jax.block_until_ready(engine.decode(decode_spec, samp, release))
+    jax.block_until_ready(run.decode())
     decode_compile_s = time.perf_counter() - t0
     times = []
     for _ in range(n_dispatch):
         t0 = time.perf_counter()
-        jax.block_until_ready(engine.decode(decode_spec, samp, release))
+        jax.block_until_ready(run.decode())
         times.append(time.perf_counter() - t0)
     tick_s = float(np.median(times)) / ticks
 
@@ -243,14 +281,14 @@ def bench(cfg: LlamaConfig, *, pp: int, tp: int, microbatches: int, batch: int, 
         "weights_gb_per_device": weights_per_device / 1e9, "kv_bytes_min_per_device": int(kv_min),
         "plan_peak_gib_per_device": round(plan.peak_bytes / 1024 ** 3, 3),
         "compile_s": {"prefill": round(prefill_compile_s, 1), "decode": round(decode_compile_s, 1)},
-        "init_s": round(init_s, 1),
+        "init_s": round(run.init_s, 1),
     }
     if bandwidth_gbps:
         result["bandwidth_gbps"] = bandwidth_gbps
         result["mbu"] = bytes_min / tick_s / (bandwidth_gbps * 1e9)
         result["mbu_read"] = bytes_read / tick_s / (bandwidth_gbps * 1e9)
-    result["attention"] = decode_spec.attention
-    del params, engine
+    result["attention"] = run.decode_spec.attention
+    del run, pm, engine
     return result
 
 

@@ -59,3 +59,23 @@ def test_logits_and_greedy_tokens_match_transformers(variant, tiny_checkpoint, h
         # Greedy: each token is the argmax of its reference logits, and transformers generates the same.
         assert list(tokens[i]) == ref[n - 1: n - 1 + MAX_TOKENS].argmax(-1).tolist()
         assert list(tokens[i]) == hf_greedy(hf, prompt, MAX_TOKENS), f"prompt {i}"
+
+
+def test_one_row_logits_are_that_row_computed_among_others():
+    """``Llama.logits`` runs a single row as two (XLA:GPU would otherwise convert the whole head to float32
+    on every batch-1 step): the same values, shape and dtype as the row computed in a batch."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxpipe.config import LlamaConfig
+    from jaxpipe.model import Llama
+
+    cfg = LlamaConfig.from_hf_dict({"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
+                                    "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
+                                    "rms_norm_eps": 1e-5, "max_position_embeddings": 64})
+    model = Llama(cfg, num_layers=1, vocab_rows=96, end_slices=1, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    h = jax.random.normal(jax.random.key(1), (3, 1, 32), jnp.float32)
+    many = np.asarray(model.logits(h))
+    for one, shape in ((model.logits(h[:1]), (1, 1, 96)), (model.logits(h[0, 0]), (96,))):
+        assert one.shape == shape and one.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(one).reshape(96), many[0, 0], rtol=1e-6, atol=1e-6)

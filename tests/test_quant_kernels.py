@@ -457,7 +457,7 @@ def test_grouped_bad_scales_are_refused():
 
 def test_config_for_grouped_scales():
     """Group-wise scales get K tiles of whole groups: for Q8_0's 32 one group per tile (a broadcast of the
-    scales, no reshape), except through the int16 view with more than one row ([128, 64] tiles, pipelined);
+    scales, no reshape), except through the int16 view with more than one row ([128, 128] tiles, pipelined);
     the rest of the tiling is the per-channel one."""
     shapes = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (5504, 4096), (4096, 6144)]
     for m in (1, 8, 16, 17, 64, 128):
@@ -469,7 +469,7 @@ def test_config_for_grouped_scales():
                     per_channel = qm.config_for(m, k, n, dt, paired=paired)
                     assert (cfg.form, cfg.bm, cfg.convert) == (per_channel.form, per_channel.bm, per_channel.convert)
                     if m > 1 and paired:
-                        assert (cfg.bk, cfg.num_stages, cfg.prefetch) == (128, 4, False), cfg
+                        assert (cfg.bk, cfg.bn, cfg.num_stages, cfg.prefetch) == (128, 128, 4, False), cfg
                     else:
                         # One tile per one-row program (fp8 through the int16 view: up to 8, as per channel).
                         tiles = (k // 32) // cfg.split_k

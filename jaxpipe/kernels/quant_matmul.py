@@ -131,12 +131,13 @@ def config_for(m: int, k: int, n: int, w_dtype, *, paired: bool = False,
     From the H200 sweeps (BENCHMARKS.md, 2026-12-01): one row is fastest as a split-K GEMV in which every
     program reduces one [128, 256..512] tile (all its loads in flight at once, no loop; 256 wide through
     the int16 view, and for fp8 there 8 [64, 256] tiles with register prefetch); more rows use tensor
-    cores on [64, 64] weight tiles with a 4-stage pipeline, except through the int16 view, where Triton's
-    pipeliner does badly and a register-prefetched single stage wins.
+    cores on [64, 64] weight tiles with a 4-stage pipeline, except through the int16 view, where a
+    register-prefetched single stage wins end to end (pipelined [128, 128] tiles measured 1.1-1.4x faster
+    alone but made int8 decode 8-36% slower at batch 16-64 in the model, H200, 2026-12-02).
 
     Group-wise scales (H200 sweep, BENCHMARKS.md 2026-12-02 "q8_0"): K tiles of one group each, so the
     scales multiply as a plain [1, bn] broadcast (tiles of several groups reshape in registers: 1.3-2x
-    slower at one row), one tile per program at one row; through the int16 view with more rows, [128, 64]
+    slower at one row), one tile per program at one row; through the int16 view with more rows, [128, 128]
     tiles in a 4-stage pipeline.
     """
     kind = kind_of(w_dtype)
@@ -162,11 +163,13 @@ def config_for(m: int, k: int, n: int, w_dtype, *, paired: bool = False,
         cfg = GemmConfig("gemv", 1, bn, bk, split, 8 if bn >= 512 else 4, 1, convert, True, True)
     else:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        bn = _first_dividing((64,), n)
-        if group is None:
-            bk = _first_dividing((256, 128, 64) if paired else (64, 128, 256), k)
+        if paired and group is None:  # a single register-prefetched stage of [256, 64] tiles
+            bn, bk = _first_dividing((64,), n), _first_dividing((256, 128, 64), k)
+        elif paired:  # group-wise scales: [128, 128] tiles of the int16 view in a 4-stage pipeline
+            bn, bk = _first_dividing((128, 64), n), _first_dividing(k_tiles((128, 64, 256)), k)
         else:
-            bk = _first_dividing(k_tiles((128, 256, 64) if paired else one_group + (64, 128, 256)), k)
+            bn = _first_dividing((64,), n)
+            bk = _first_dividing(k_tiles(one_group + (64, 128, 256)) if group else (64, 128, 256), k)
         if bn is None or bk is None:
             return None
         stages, prefetch = (1, True) if paired and group is None else (4, False)
