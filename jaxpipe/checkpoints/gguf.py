@@ -4,6 +4,8 @@ q8_0 (``keep_quantized``), those matrices' blocks served as they are: int8 value
 
 from __future__ import annotations
 
+import functools
+
 import os
 from typing import Any
 
@@ -43,6 +45,25 @@ def _f32(value: Any) -> float:
     return float(str(np.float32(value)))
 
 
+@functools.cache
+def _reader_class() -> type:
+    """gguf's ``GGUFReader`` parsing a plain ndarray view of its memory map. It reads the metadata (a
+    tokenizer's ~100k strings) through a few slices per value, and ``np.memmap``'s Python-level slicing
+    made opening SmolLM2's GGUF take 5.0 s (1.7 s this way, the same fields and tensors; 2-core CPU)."""
+    from gguf import GGUFReader  # imported here: only GGUF users need it
+
+    class Reader(GGUFReader):
+        @property
+        def data(self) -> np.ndarray:
+            return self._data
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return Reader
+
+
 class GGUFCheckpointReader(CheckpointReader):
     """A llama.cpp GGUF file (architecture 'llama'), read through gguf's memory-mapped reader and
     dequantized to float32 one tensor per ``read``."""
@@ -50,11 +71,9 @@ class GGUFCheckpointReader(CheckpointReader):
     kind = "gguf"
 
     def __init__(self, path: str) -> None:
-        from gguf import GGUFReader  # imported here: only GGUF users need it
-
         self.path = path  # error messages below need it before the base class is initialised
         try:
-            self._gguf = GGUFReader(path, "r")
+            self._gguf = _reader_class()(path, "r")
         except Exception as e:  # gguf raises assorted ValueError/KeyError/struct errors on bad bytes
             raise CheckpointError(f"{path}: cannot parse as GGUF ({type(e).__name__}: {one_line(e)}); the file "
                                   "looks truncated or corrupt: re-download it") from e
