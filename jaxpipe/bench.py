@@ -39,10 +39,11 @@ from jaxpipe.kernels.decode_attention import default_impl
 from jaxpipe.pipeline import (DecodeSpec, EngineShape, PipelineModel, PrefillBatch, PrefillSpec,
                               flatten_paths)
 from jaxpipe.quantize import QUANT_KINDS
-from jaxpipe.sampling import SamplerSpec, SamplingTable
+from jaxpipe.sampling import SamplerSpec, SamplingTable, SamplingTensors
 from jaxpipe.presets import load_preset, preset_names
 
 DTYPE_CHOICES = ("bfloat16", "float32", "float16")
+STEPS_PER_DISPATCH = 16  # decode steps per timed dispatch (many ticks in one on-device loop)
 
 
 def copy_bandwidth_gbps(device, nbytes: int = 4 << 30) -> float:
@@ -176,11 +177,15 @@ class BenchRun:
     prefill_spec: PrefillSpec
     prefill_batch: PrefillBatch
     decode_spec: DecodeSpec
-    sampling: object
+    sampling: SamplingTensors
     release: np.ndarray
-    ticks: int
     dispatches: int
     init_s: float
+
+    @property
+    def ticks(self) -> int:
+        """Ring ticks of one decode dispatch."""
+        return self.engine.ring.ticks_for_steps(self.decode_spec.steps)
 
     def prefill(self):
         return self.engine.prefill(self.prefill_spec, self.sampling, self.prefill_batch)
@@ -192,7 +197,7 @@ class BenchRun:
 
 def build(cfg: LlamaConfig, *, pp: int, tp: int, microbatches: int, batch: int, prompt_len: int,
           new_tokens: int, dtype, unroll, seed: int = 0, attention: str | None = None,
-          quantization: str | None = None, steps_per_dispatch: int = 16,
+          quantization: str | None = None, steps_per_dispatch: int = STEPS_PER_DISPATCH,
           gpu_memory_utilization: float = planning.DEFAULT_GPU_MEMORY_UTILIZATION) -> BenchRun:
     """Check the memory plan, then build what :func:`bench` times (also used by ``tools/profile_decode.py``)."""
     layout = partition.make_layout(cfg, pp, tp)
@@ -224,8 +229,8 @@ def build(cfg: LlamaConfig, *, pp: int, tp: int, microbatches: int, batch: int, 
                                sampler=greedy)
     decode_spec = DecodeSpec(shape=shape, steps=steps_per_dispatch, kv_len=cache_len, sampler=greedy,
                              attention=attention or default_impl(jax.devices()[0].platform))
-    return BenchRun(pm, params, engine, plan, prefill_spec, pbatch, decode_spec, samp,
-                    np.zeros((M * b,), bool), engine.ring.ticks_for_steps(steps_per_dispatch), n_dispatch, init_s)
+    return BenchRun(pm, params, engine, plan, prefill_spec, pbatch, decode_spec, samp, np.zeros((M * b,), bool),
+                    n_dispatch, init_s)
 
 
 def bench(cfg: LlamaConfig, *, pp: int, tp: int, microbatches: int, batch: int, prompt_len: int,

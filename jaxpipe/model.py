@@ -266,10 +266,11 @@ class Llama(nnx.Module):
         the sampler works on the pieces, ``jaxpipe.sampler``)."""
         head = self.ends[...][-1]
         h = rms_norm(h, self.final_norm[...], self.cfg.rms_norm_eps)
-        if math.prod(h.shape[:-1]) == 1:
+        rows = h.reshape(-1, h.shape[-1])
+        n = rows.shape[0]
+        if n == 1:
             # XLA:GPU computes a one-row dot with float32 output in float32, converting the whole head to
             # float32 first on every step (Llama-2-7B's head on an H200: 329 us, against 77 us with two rows).
-            two = jnp.pad(h.reshape(1, -1), ((0, 1), (0, 0)))
-            out = jnp.einsum("rh,vh->rv", two, head, preferred_element_type=jnp.float32)
-            return out[:1].reshape(*h.shape[:-1], head.shape[0])
-        return jnp.einsum("...h,vh->...v", h, head, preferred_element_type=jnp.float32)
+            rows = jnp.pad(rows, ((0, 1), (0, 0)))
+        out = jnp.einsum("rh,vh->rv", rows, head, preferred_element_type=jnp.float32)
+        return out[:n].reshape(*h.shape[:-1], head.shape[0])

@@ -8,11 +8,15 @@ at every prompt position and the logits behind each generated token must agree t
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from jaxpipe import LLM
+from jaxpipe.config import LlamaConfig
+from jaxpipe.model import Llama
 
 MAX_TOKENS = 16
 RTOL = 1e-5
@@ -64,12 +68,6 @@ def test_logits_and_greedy_tokens_match_transformers(variant, tiny_checkpoint, h
 def test_one_row_logits_are_that_row_computed_among_others():
     """``Llama.logits`` runs a single row as two (XLA:GPU would otherwise convert the whole head to float32
     on every batch-1 step): the same values, shape and dtype as the row computed in a batch."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from jaxpipe.config import LlamaConfig
-    from jaxpipe.model import Llama
-
     cfg = LlamaConfig.from_hf_dict({"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
                                     "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
                                     "rms_norm_eps": 1e-5, "max_position_embeddings": 64})

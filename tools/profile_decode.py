@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--quantization", default=None, choices=QUANT_KINDS)
     p.add_argument("--unroll", type=int, default=None)
     p.add_argument("--attention", default=None, choices=("xla", "pallas"))
-    p.add_argument("--dispatches", type=int, default=3, help="traced decode dispatches of 16 steps")
+    p.add_argument("--dispatches", type=int, default=3, help="traced decode dispatches (of bench.STEPS_PER_DISPATCH steps)")
     p.add_argument("--top", type=int, default=40, help="kernel groups printed")
     p.add_argument("--trace-dir", default="/tmp/jaxpipe-profile")
     p.add_argument("--label", default="", help="copied into every line")
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
 
     cfg = load_preset(args.preset)
     run = bench.build(cfg, pp=1, tp=1, microbatches=1, batch=args.batch, prompt_len=args.prompt_len,
-                      new_tokens=16 * (args.dispatches + 2), dtype=jnp.dtype(args.dtype), unroll=args.unroll,
+                      new_tokens=bench.STEPS_PER_DISPATCH * (args.dispatches + 2), dtype=jnp.dtype(args.dtype), unroll=args.unroll,
                       attention=args.attention, quantization=args.quantization)
     jax.block_until_ready(run.prefill())
     jax.block_until_ready(run.decode())  # compiles

@@ -5,7 +5,6 @@ q8_0 (``keep_quantized``), those matrices' blocks served as they are: int8 value
 from __future__ import annotations
 
 import functools
-
 import os
 from typing import Any
 

@@ -169,7 +169,7 @@ def config_for(m: int, k: int, n: int, w_dtype, *, paired: bool = False,
             bn, bk = _first_dividing((128, 64), n), _first_dividing(k_tiles((128, 64, 256)), k)
         else:
             bn = _first_dividing((64,), n)
-            bk = _first_dividing(k_tiles(one_group + (64, 128, 256)) if group else (64, 128, 256), k)
+            bk = _first_dividing(k_tiles(one_group + (64, 128, 256)), k)
         if bn is None or bk is None:
             return None
         stages, prefetch = (1, True) if paired and group is None else (4, False)
