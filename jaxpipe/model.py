@@ -18,7 +18,8 @@ import numpy as np
 from flax import nnx
 
 from jaxpipe.config import LlamaConfig
-from jaxpipe.kernels.decode_attention import MASK_VALUE, decode_attention, decode_attention_rows
+from jaxpipe.kernels.decode_attention import (MASK_VALUE, decode_attention, decode_attention_rows,
+                                              fused_decode_attention)
 from jaxpipe.kernels.quant_matmul import layer_matmul
 from jaxpipe.quantize import check_kind, random_quantized
 
@@ -139,26 +140,34 @@ class DecoderLayers(nnx.Module):
             setattr(self, name, nnx.Param(w))
             setattr(self, name + "_scale", nnx.Param(scale))
 
+    def _param(self, name: str, i):
+        """Layer ``i``'s slice of a stacked parameter."""
+        return getattr(self, name)[...][i]
+
+    def _matmul(self, h, name: str, i):
+        # The whole stack and the layer index go to layer_matmul: its kernel reads w[i] (8-bit) in place.
+        scale = getattr(self, name + "_scale")[...] if self.quantization else None
+        return layer_matmul(h, getattr(self, name)[...], scale, i)
+
     def _layer(self, i, x, cache: KVCache, step: StepInputs, cos, sin, tensor_axis, attention: str):
         cfg = self.cfg
         d = cfg.head_dim
         b, t, _ = x.shape
-        p = lambda name: getattr(self, name)[...][i]  # noqa: E731  (this layer's slice of a stacked param)
-
-        def matmul(h, name):
-            # The whole stack and the layer index go to layer_matmul: its kernel reads w[i] (8-bit) in place.
-            scale = getattr(self, name + "_scale")[...] if self.quantization else None
-            return layer_matmul(h, getattr(self, name)[...], scale, i)
-
-        h = rms_norm(x, p("attn_norm"), cfg.rms_norm_eps)
-        qkv = matmul(h, "wqkv")
+        h = rms_norm(x, self._param("attn_norm", i), cfg.rms_norm_eps)
+        qkv = self._matmul(h, "wqkv", i)
         if cfg.attention_bias:
-            qkv = qkv + p("bqkv")
+            qkv = qkv + self._param("bqkv", i)
         q_width = cfg.q_size // self.tensor_parallel  # this shard's query columns
         kv_width = (qkv.shape[-1] - q_width) // 2
-        q, k, v = qkv[..., :q_width], qkv[..., q_width:q_width + kv_width], qkv[..., q_width + kv_width:]
         n_kv = kv_width // d
         group = q_width // d // n_kv
+        if t == 1 and step.row0 is not None and attention == "pallas":
+            # The decode ring's contiguous rows: rotary embedding, cache write and attention in one kernel.
+            attn, k_cache, v_cache = fused_decode_attention(
+                qkv.reshape(b, -1), cos.reshape(b, -1), sin.reshape(b, -1), cache.k, cache.v, i, step.row0,
+                step.positions[:, 0], step.live, n_heads=n_kv * group)
+            return self._mlp_block(i, x, attn.reshape(b, 1, -1), tensor_axis), KVCache(k_cache, v_cache)
+        q, k, v = qkv[..., :q_width], qkv[..., q_width:q_width + kv_width], qkv[..., q_width + kv_width:]
         q = apply_rope(q.reshape(b, t, n_kv * group, d), cos, sin)
         k = apply_rope(k.reshape(b, t, n_kv, d), cos, sin)
         v = v.reshape(b, t, n_kv, d)
@@ -175,29 +184,33 @@ class DecoderLayers(nnx.Module):
             lengths = jnp.where(step.live, step.positions[:, 0] + 1, 0)
             qg = q.reshape(b, n_kv, group, d)
             if step.row0 is not None:
-                attn = decode_attention(qg, cache.k, cache.v, i, step.row0, lengths, kv_len=step.kv_len,
-                                        impl=attention)
+                attn = decode_attention(qg, cache.k, cache.v, i, step.row0, lengths, kv_len=step.kv_len)
             else:
                 attn = decode_attention_rows(qg, cache.k, cache.v, i, step.rows, lengths, kv_len=step.kv_len)
             attn = attn.reshape(b, 1, -1)
         else:
             attn = _prefill_attention(q.reshape(b, t, n_kv, group, d), cache, i, step)
-        out = matmul(attn, "wo")
+        return self._mlp_block(i, x, attn, tensor_axis), cache
+
+    def _mlp_block(self, i, x, attn, tensor_axis):
+        """The rest of layer ``i`` after attention: the output projection, the residual, the MLP."""
+        cfg = self.cfg
+        out = self._matmul(attn, "wo", i)
         out = jax.lax.psum(out, tensor_axis) if tensor_axis else out
         if cfg.attention_bias:
-            out = out + p("bo")
+            out = out + self._param("bo", i)
         x = x + out
 
-        h = rms_norm(x, p("mlp_norm"), cfg.rms_norm_eps)
-        gate_up = matmul(h, "w_gate_up")
+        h = rms_norm(x, self._param("mlp_norm", i), cfg.rms_norm_eps)
+        gate_up = self._matmul(h, "w_gate_up", i)
         if cfg.mlp_bias:
-            gate_up = gate_up + p("b_gate_up")
+            gate_up = gate_up + self._param("b_gate_up", i)
         gate, up = jnp.split(gate_up, 2, axis=-1)
-        out = matmul(jax.nn.silu(gate) * up, "w_down")
+        out = self._matmul(jax.nn.silu(gate) * up, "w_down", i)
         out = jax.lax.psum(out, tensor_axis) if tensor_axis else out
         if cfg.mlp_bias:
-            out = out + p("b_down")
-        return x + out, cache
+            out = out + self._param("b_down", i)
+        return x + out
 
     def __call__(self, x: jax.Array, cache: KVCache, step: StepInputs, *, num_layers,
                  tensor_axis: str | None = None, unroll: int | bool = 1,
