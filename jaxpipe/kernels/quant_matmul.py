@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jaxpipe.kernels import out_struct
+from jaxpipe.kernels import cuda_gemv, out_struct
 from jaxpipe.quantize import kind_of
 
 try:  # the Triton backend's own API (present in jax 0.10 and 0.11)
@@ -439,22 +439,29 @@ def layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer) -> 
     ``x @ w[layer]``). ``layer``: int32 scalar, may be traced (a ``fori_loop`` index). Works on local shards
     inside ``shard_map``: N split (scales split with their columns) or K split (per-channel scales
     replicated; group-wise ones split on their group axis, so every shard keeps the group size G). On CUDA,
-    decode-sized rows run the Pallas kernel; everything else runs plain XLA.
+    one to four bf16 rows with per-channel scales run the CUDA GEMV (``cuda_gemv``, where nvcc could build
+    it), other decode-sized rows the Pallas kernel; everything else runs plain XLA.
     """
     if scale is None:
         return xla_layer_matmul(x, w, None, layer)
     if kind_of(w.dtype) is None:
         raise ValueError(f"layer_matmul: a scale was given but w is {w.dtype}, not int8 or float8_e4m3fn")
     group = group_size_of(w, scale)
-    m = math.prod(x.shape[:-1])
-    cfg = (config_for(m, x.shape[-1], w.shape[-1], w.dtype, paired=needs_pairs(w), group=group)
-           if plgpu is not None else None)
-    if cfg is None:
+    m, k, n = math.prod(x.shape[:-1]), x.shape[-1], w.shape[-1]
+    cfg = config_for(m, k, n, w.dtype, paired=needs_pairs(w), group=group) if plgpu is not None else None
+    tiling = cuda_gemv.tiling_for(m, k, n) if group is None and x.dtype == jnp.bfloat16 else None
+    if cfg is None and tiling is None:
         return xla_layer_matmul(x, w, scale, layer)
-    return jax.lax.platform_dependent(
-        x, w, scale, layer,
-        cuda=lambda *a: quant_matmul_pallas(*a, cfg),
-        default=xla_layer_matmul)
+
+    def on_cuda(x, w, scale, layer):
+        # Decided while lowering for CUDA (available() builds the CUDA kernel on first use).
+        if tiling is not None and cuda_gemv.available():
+            return cuda_gemv.gemv8(x, w, scale, layer, tiling=tiling)
+        if cfg is None:
+            return xla_layer_matmul(x, w, scale, layer)
+        return quant_matmul_pallas(x, w, scale, layer, cfg)
+
+    return jax.lax.platform_dependent(x, w, scale, layer, cuda=on_cuda, default=xla_layer_matmul)
 
 
 __all__ = ["GemmConfig", "MAX_KERNEL_ROWS", "config_for", "dequantize_groups", "group_size_of", "layer_matmul",

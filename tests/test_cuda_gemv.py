@@ -1,0 +1,82 @@
+"""The CUDA 8-bit GEMV's host side: when it applies, how it is built and cached, and that CPUs never use it.
+
+The kernel itself runs only on CUDA GPUs (tools/bench_cuda_gemv.py checks it there against a float32
+reference, every tiling); here nvcc, where the machine has it, compiles the shipped source for sm_90.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpipe.kernels import cuda_gemv
+from jaxpipe.kernels import quant_matmul as qm
+
+
+def test_tiling_rules():
+    assert cuda_gemv.tiling_for(1, 4096, 12288) == (8, 16, 8)  # wide: 128 bytes per row
+    assert cuda_gemv.tiling_for(4, 11008, 4096) == (4, 16, 8)  # narrow: more strips to fill the SMs
+    assert cuda_gemv.tiling_for(5, 4096, 4096) is None  # more rows: the tensor-core kernel
+    assert cuda_gemv.tiling_for(1, 4096, 4104) is None  # columns not a multiple of 64
+    for m, k, n in [(1, 4096, 12288), (3, 4096, 22016), (2, 11008, 4096), (1, 64, 192)]:
+        tiling = cuda_gemv.tiling_for(m, k, n)
+        assert tiling in cuda_gemv.TILINGS and n % (16 * tiling[0]) == 0
+
+
+def test_shapes_and_bad_tiling():
+    x = jax.ShapeDtypeStruct((2, 1, 256), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((3, 256, 96), jnp.int8)
+    s = jax.ShapeDtypeStruct((3, 96), jnp.float32)
+    y = jax.eval_shape(lambda x, w, s: cuda_gemv.gemv8(x, w, s, jnp.int32(2), tiling=(4, 16, 8)), x, w, s)
+    assert (y.shape, y.dtype) == ((2, 1, 96), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"no kernel for tiling \(3, 8, 8\)"):
+        jax.eval_shape(lambda x, w, s: cuda_gemv.gemv8(x, w, s, 0, tiling=(3, 8, 8)), x, w, s)
+
+
+def test_cpu_never_builds_or_uses_it(monkeypatch):
+    assert jax.default_backend() == "cpu"
+    assert not cuda_gemv.available()
+    # layer_matmul on CPU is exactly the XLA path, also at the row counts the CUDA kernel would take.
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.integers(-127, 128, (3, 64, 96)), jnp.int8)
+    s = jnp.asarray(rng.uniform(0.5, 1.5, (3, 96)) / 127, jnp.float32)
+    for m in (1, 4):
+        x = jnp.asarray(rng.standard_normal((m, 64)), jnp.bfloat16)
+        got = jax.jit(qm.layer_matmul)(x, w, s, jnp.int32(1))
+        want = jax.jit(qm.xla_layer_matmul)(x, w, s, jnp.int32(1))
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("JAXPIPE_CUDA_KERNELS", "0")
+    cuda_gemv.available.cache_clear()
+    try:
+        assert not cuda_gemv.available()
+    finally:
+        cuda_gemv.available.cache_clear()
+
+
+@pytest.mark.skipif(cuda_gemv.find_nvcc() is None, reason="no nvcc on this machine")
+def test_nvcc_builds_the_source_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXPIPE_CACHE_DIR", str(tmp_path))
+    lib = cuda_gemv.build("sm_90")
+    assert lib.parent == tmp_path / "kernels" and lib.name.endswith("-sm_90.so")
+    assert sorted(p.name for p in lib.parent.iterdir()) == [lib.name]  # no temporary file left behind
+    assert ctypes.cdll.LoadLibrary(str(lib)).JaxpipeGemv8  # the FFI handler's symbol
+    mtime = os.stat(lib).st_mtime_ns
+    assert cuda_gemv.build("sm_90") == lib and os.stat(lib).st_mtime_ns == mtime  # cached: not rebuilt
+
+
+def test_nvcc_failure_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXPIPE_CACHE_DIR", str(tmp_path))
+    fake = tmp_path / "nvcc"
+    fake.write_text("#!/bin/sh\necho 'nvcc fatal : Unsupported gpu architecture' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(RuntimeError, match="Unsupported gpu architecture"):
+        cuda_gemv.build("sm_1", nvcc=str(fake))
+    assert list((tmp_path / "kernels").iterdir()) == []  # nothing half-written
