@@ -1,6 +1,6 @@
 """The CUDA 8-bit GEMV's host side: when it applies, how it is built and cached, and that CPUs never use it.
 
-The kernel itself runs only on CUDA GPUs (tools/bench_cuda_gemv.py checks it there against a float32
+The kernel itself runs only on CUDA GPUs (`tools/bench_quant_gemm.py --cuda` checks it there against a float32
 reference, every tiling); here nvcc, where the machine has it, compiles the shipped source for sm_90.
 """
 

@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--stack-shipped", action="store_true", help="also time layer_matmul's own choice")
     ap.add_argument("--stack-xla", action="store_true", help="also time XLA's 8-bit path at m=1")
     ap.add_argument("--prefill-fold", action="store_true", help="also time the scale folded into bf16 weights")
+    ap.add_argument("--cuda", action="store_true",
+                    help="also time the CUDA GEMV (1-4 rows; builds it, and makes layer_matmul use it)")
     args = ap.parse_args()
     t_start = time.perf_counter()
     left = lambda: args.budget_s - (time.perf_counter() - t_start)  # noqa: E731
@@ -109,6 +111,8 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
+    if args.cuda:
+        os.environ["JAXPIPE_CUDA_KERNELS"] = "1"  # opt-in (jaxpipe/kernels/cuda_gemv.py)
     qm = import_kernel()
 
     interpret = jax.default_backend() != "gpu"
@@ -266,6 +270,26 @@ def main() -> None:
                             best[g, m, kd] = (b2b, cfg)
                     except Exception as e:  # noqa: BLE001
                         emit(**crec, error=repr(e)[:600])
+                if args.cuda and group is None and not interpret:
+                    # The CUDA GEMV (jaxpipe/kernels/gemv8.cu) at every built tiling that fits.
+                    from jaxpipe.kernels import cuda_gemv
+
+                    chosen = cuda_gemv.tiling_for(m, k, n)
+                    for t in cuda_gemv.TILINGS if chosen is not None else ():
+                        if n % (16 * t[0]):
+                            continue
+                        crec = dict(rec, kind=kd, variant="cuda", cfg="%dx%dx%d" % t, shipped=t == chosen)
+                        try:
+                            fn = lambda x, w, s, l, t=t: cuda_gemv.gemv8(x, w, s, l, tiling=t)  # noqa: E731
+                            ok, ratio = check(jax.jit(fn)(x, w, s, jnp.int32(L - 1)), x, w, s, L - 1)
+                            if not ok:
+                                emit(**crec, ok=False, ratio=ratio)
+                                continue
+                            ms, b2b = timed(loop_fn(fn, w, s), x, w, s)
+                            emit(**crec, ok=True, ratio=round(ratio, 3), ms=ms, ms_b2b=b2b, floor_ms=floor_ms,
+                                 frac_floor=floor_ms / b2b, tb_s=floor_b[kd] / b2b / 1e9)
+                        except Exception as e:  # noqa: BLE001
+                            emit(**crec, error=repr(e)[:600])
                 if args.no_round and group and m == 1 and shipped is not None and not interpret:
                     # The one-row form without its rounding of the weights to bf16 (kernel internals,
                     # patched for this timing only): what that rounding costs.

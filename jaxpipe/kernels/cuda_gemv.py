@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -136,14 +137,10 @@ def gemv8(x: jax.Array, w: jax.Array, scale: jax.Array, layer, *, tiling: tuple[
     if tuple(tiling) not in TILINGS:
         raise ValueError(f"gemv8: no kernel for tiling {tiling}; built: {TILINGS}")
     tpr, unroll, split = tiling
-    lead, k = x.shape[:-1], x.shape[-1]
-    m = 1
-    for d in lead:
-        m *= d
-    n = w.shape[-1]
-    x2 = x.reshape(m, k)
+    lead, k, n = x.shape[:-1], x.shape[-1], w.shape[-1]
+    x2 = x.reshape(math.prod(lead), k)
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    out = out_struct((m, n), jnp.bfloat16, x2, w, scale, layer)
+    out = out_struct((x2.shape[0], n), jnp.bfloat16, x2, w, scale, layer)
     y = jax.ffi.ffi_call(TARGET, out)(layer, x2, w, scale, tpr=np.int32(tpr), unroll=np.int32(unroll),
                                      split=np.int32(split))
     return y.reshape(*lead, n)

@@ -439,8 +439,8 @@ def layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer) -> 
     ``x @ w[layer]``). ``layer``: int32 scalar, may be traced (a ``fori_loop`` index). Works on local shards
     inside ``shard_map``: N split (scales split with their columns) or K split (per-channel scales
     replicated; group-wise ones split on their group axis, so every shard keeps the group size G). On CUDA,
-    one to four bf16 rows with per-channel scales run the CUDA GEMV (``cuda_gemv``, where nvcc could build
-    it), other decode-sized rows the Pallas kernel; everything else runs plain XLA.
+    decode-sized rows run the Pallas kernel (or, opted in with ``JAXPIPE_CUDA_KERNELS=1``, one to four
+    bf16 rows with per-channel scales the CUDA GEMV of ``cuda_gemv``); everything else runs plain XLA.
     """
     if scale is None:
         return xla_layer_matmul(x, w, None, layer)
@@ -454,7 +454,8 @@ def layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer) -> 
         return xla_layer_matmul(x, w, scale, layer)
 
     def on_cuda(x, w, scale, layer):
-        # Decided while lowering for CUDA (available() builds the CUDA kernel on first use).
+        # Traced as platform_dependent's CUDA branch only; available() is False unless the CUDA kernel
+        # was asked for (JAXPIPE_CUDA_KERNELS=1) and built.
         if tiling is not None and cuda_gemv.available():
             return cuda_gemv.gemv8(x, w, scale, layer, tiling=tiling)
         if cfg is None:
