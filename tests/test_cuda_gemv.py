@@ -19,11 +19,15 @@ from jaxpipe.kernels import quant_matmul as qm
 
 
 def test_tiling_rules():
-    assert cuda_gemv.tiling_for(1, 4096, 12288) == (8, 16, 8)  # wide: 128 bytes per row
-    assert cuda_gemv.tiling_for(4, 11008, 4096) == (4, 16, 8)  # narrow: more strips to fill the SMs
-    assert cuda_gemv.tiling_for(5, 4096, 4096) is None  # more rows: the tensor-core kernel
+    # Where the H200 sweep had it beat the Pallas kernel: int8, one row, gate|up and o shapes.
+    assert cuda_gemv.tiling_for(1, 4096, 22016) == (8, 4, 8)
+    assert cuda_gemv.tiling_for(1, 4096, 4096) == (4, 4, 4)
+    assert cuda_gemv.tiling_for(1, 4096, 4096, jnp.float8_e4m3fn) is None  # fp8: Pallas measured faster
+    assert cuda_gemv.tiling_for(1, 4096, 12288) is None  # qkv: a tie, the Pallas kernel stays
+    assert cuda_gemv.tiling_for(1, 11008, 4096) is None  # down: Pallas measured faster
+    assert cuda_gemv.tiling_for(2, 4096, 4096) is None  # more rows: not measured faster
     assert cuda_gemv.tiling_for(1, 4096, 4104) is None  # columns not a multiple of 64
-    for m, k, n in [(1, 4096, 12288), (3, 4096, 22016), (2, 11008, 4096), (1, 64, 192)]:
+    for m, k, n in [(1, 4096, 22016), (1, 4096, 4096), (1, 64, 256), (1, 2048, 16384)]:
         tiling = cuda_gemv.tiling_for(m, k, n)
         assert tiling in cuda_gemv.TILINGS and n % (16 * tiling[0]) == 0
 
@@ -32,7 +36,7 @@ def test_shapes_and_bad_tiling():
     x = jax.ShapeDtypeStruct((2, 1, 256), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((3, 256, 96), jnp.int8)
     s = jax.ShapeDtypeStruct((3, 96), jnp.float32)
-    y = jax.eval_shape(lambda x, w, s: cuda_gemv.gemv8(x, w, s, jnp.int32(2), tiling=(4, 16, 8)), x, w, s)
+    y = jax.eval_shape(lambda x, w, s: cuda_gemv.gemv8(x, w, s, jnp.int32(2), tiling=(4, 4, 4)), x, w, s)
     assert (y.shape, y.dtype) == ((2, 1, 96), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"no kernel for tiling \(3, 8, 8\)"):
         jax.eval_shape(lambda x, w, s: cuda_gemv.gemv8(x, w, s, 0, tiling=(3, 8, 8)), x, w, s)
@@ -43,8 +47,9 @@ def test_cpu_never_builds_or_uses_it(monkeypatch):
     assert not cuda_gemv.available()
     # layer_matmul on CPU is exactly the XLA path, also at the row counts the CUDA kernel would take.
     rng = np.random.default_rng(0)
-    w = jnp.asarray(rng.integers(-127, 128, (3, 64, 96)), jnp.int8)
-    s = jnp.asarray(rng.uniform(0.5, 1.5, (3, 96)) / 127, jnp.float32)
+    w = jnp.asarray(rng.integers(-127, 128, (3, 64, 128)), jnp.int8)
+    s = jnp.asarray(rng.uniform(0.5, 1.5, (3, 128)) / 127, jnp.float32)
+    assert cuda_gemv.tiling_for(1, 64, 128) is not None  # a shape the CUDA kernel would take on a GPU
     for m in (1, 4):
         x = jnp.asarray(rng.standard_normal((m, 64)), jnp.bfloat16)
         got = jax.jit(qm.layer_matmul)(x, w, s, jnp.int32(1))

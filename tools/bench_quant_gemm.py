@@ -274,8 +274,11 @@ def main() -> None:
                     # The CUDA GEMV (jaxpipe/kernels/gemv8.cu) at every built tiling that fits.
                     from jaxpipe.kernels import cuda_gemv
 
-                    chosen = cuda_gemv.tiling_for(m, k, n)
-                    for t in cuda_gemv.TILINGS if chosen is not None else ():
+                    chosen = cuda_gemv.tiling_for(m, k, n, w.dtype)
+                    if not cuda_gemv.available():  # builds it and registers its FFI target
+                        emit(section="gemm", gemm=g, m=m, kind=kd, variant="cuda", error="not available")
+                        chosen = None
+                    for t in cuda_gemv.TILINGS if m <= cuda_gemv.MAX_ROWS and chosen is not False else ():
                         if n % (16 * t[0]):
                             continue
                         crec = dict(rec, kind=kd, variant="cuda", cfg="%dx%dx%d" % t, shipped=t == chosen)

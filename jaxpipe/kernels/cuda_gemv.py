@@ -9,10 +9,10 @@ Building: the first CUDA lowering that wants it runs ``nvcc`` (``$CUDA_HOME/bin/
 the shipped source for the GPU's own architecture and caches the library under
 ``$JAXPIPE_CACHE_DIR`` (default ``~/.cache/jaxpipe``), keyed by the source, the flags and the FFI
 headers, written to a temporary name and renamed into place (a concurrent build never leaves a
-half-written file). Opt-in for now (``JAXPIPE_CUDA_KERNELS=1``): the first version (no split-K)
-measured slower than the Pallas kernel on an H200 (BENCHMARKS.md, 2026-12-03), and this split-K-over-a-
-cluster version has not been timed on a GPU yet. Unset, or where there is no nvcc or the build fails,
-``available()`` is False and ``layer_matmul`` uses its Pallas kernel (after one warning on failure).
+half-written file). Opt-in (``JAXPIPE_CUDA_KERNELS=1``): on an H200 it beats the Pallas kernel only
+for int8 at one row on gate|up- and o-shaped matrices (``tiling_for``; BENCHMARKS.md, 2026-12-03), and it
+needs nvcc on the serving machine. Unset, or where there is no nvcc or the build fails, ``available()`` is
+False and ``layer_matmul`` uses its Pallas kernel (after one warning on failure).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ TARGET = "jaxpipe_gemv8"
 MAX_ROWS = 4  # instantiated row counts: 1..4 (the FMA work grows with rows; tensor cores take over above)
 # (tpr, unroll, split) built in gemv8.cu (JAXPIPE_GEMV8_TILINGS): threads per weight row (16 columns
 # each), 16-byte loads in flight per thread, blocks per cluster (slices of K).
-TILINGS = ((4, 8, 4), (4, 8, 8), (4, 16, 8), (8, 8, 4), (8, 8, 8), (8, 16, 8), (16, 8, 8), (16, 16, 8))
+TILINGS = ((4, 2, 4), (4, 4, 4), (8, 2, 8), (8, 4, 4), (8, 4, 8), (4, 8, 4), (8, 8, 8), (16, 8, 8))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-diag-suppress", "940,2473")
 
 
@@ -116,17 +116,21 @@ def available() -> bool:
     return True
 
 
-def tiling_for(m: int, k: int, n: int) -> tuple[int, int, int] | None:
-    """``(tpr, unroll, split)`` for ``m`` rows of ``[m, k] @ [k, n]``, or None where the kernel does not
-    apply: a block reads a strip of ``16 * tpr`` columns over ``k / split`` rows, ``unroll`` loads in flight
-    per thread; the ``split`` blocks of a strip add their sums up as one cluster. Narrow matrices (o, down:
-    N = 4096 on Llama-2-7B) take narrow strips so that the grid fills the GPU's SMs.
+def tiling_for(m: int, k: int, n: int, dtype=jnp.int8) -> tuple[int, int, int] | None:
+    """``(tpr, unroll, split)`` for ``m`` rows of ``[m, k] @ [k, n]`` with ``dtype`` weights, or None where the
+    Pallas kernel measured faster (a block reads a strip of ``16 * tpr`` columns over ``k / split`` rows,
+    ``unroll`` loads in flight per thread; the ``split`` blocks of a strip add their sums up as one cluster).
+    From the H200 sweep of 2026-12-03 (BENCHMARKS.md), one row, Llama-2-7B shapes: int8 gate|up
+    (n = 22016) 1.13 ms per 32 layers at (8, 4, 8) against Pallas 1.25, o (4096 x 4096) 0.41 at (4, 4, 4)
+    against 0.42-0.60; qkv tied, down and every fp8 matmul slower (the e4m3 conversion costs more ALU work
+    than Pallas's native one). Few loads in flight per thread (more resident blocks) beat deep unrolling.
     """
-    if not 1 <= m <= MAX_ROWS:
+    if m != 1 or jnp.dtype(dtype) != jnp.int8:
         return None
-    for tiling in ((8, 16, 8), (4, 16, 8)) if n >= 8192 else ((4, 16, 8),):
-        if n % (16 * tiling[0]) == 0:
-            return tiling
+    if n >= 16384 and n % 128 == 0:
+        return (8, 4, 8)
+    if n < 8192 and k <= 4096 and n % 64 == 0:
+        return (4, 4, 4)
     return None
 
 

@@ -172,14 +172,14 @@ cudaError_t launch(cudaStream_t stream, const int32_t* layer, const __nv_bfloat1
 // The tilings built: (threads per row, loads in flight per thread, blocks per cluster). Keep in step with
 // TILINGS in cuda_gemv.py.
 #define JAXPIPE_GEMV8_TILINGS(X) \
+  X(4, 2, 4)                     \
+  X(4, 4, 4)                     \
+  X(8, 2, 8)                     \
+  X(8, 4, 4)                     \
+  X(8, 4, 8)                     \
   X(4, 8, 4)                     \
-  X(4, 8, 8)                     \
-  X(4, 16, 8)                    \
-  X(8, 8, 4)                     \
   X(8, 8, 8)                     \
-  X(8, 16, 8)                    \
-  X(16, 8, 8)                    \
-  X(16, 16, 8)
+  X(16, 8, 8)
 
 template <int M, bool FP8>
 cudaError_t dispatch_tiling(int tpr, int unroll, int split, cudaStream_t s, const int32_t* l,

@@ -439,8 +439,8 @@ def layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer) -> 
     ``x @ w[layer]``). ``layer``: int32 scalar, may be traced (a ``fori_loop`` index). Works on local shards
     inside ``shard_map``: N split (scales split with their columns) or K split (per-channel scales
     replicated; group-wise ones split on their group axis, so every shard keeps the group size G). On CUDA,
-    decode-sized rows run the Pallas kernel (or, opted in with ``JAXPIPE_CUDA_KERNELS=1``, one to four
-    bf16 rows with per-channel scales the CUDA GEMV of ``cuda_gemv``); everything else runs plain XLA.
+    decode-sized rows run the Pallas kernel (or, opted in with ``JAXPIPE_CUDA_KERNELS=1``, the CUDA GEMV
+    of ``cuda_gemv`` where its ``tiling_for`` picks it); everything else runs plain XLA.
     """
     if scale is None:
         return xla_layer_matmul(x, w, None, layer)
@@ -449,7 +449,7 @@ def layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer) -> 
     group = group_size_of(w, scale)
     m, k, n = math.prod(x.shape[:-1]), x.shape[-1], w.shape[-1]
     cfg = config_for(m, k, n, w.dtype, paired=needs_pairs(w), group=group) if plgpu is not None else None
-    tiling = cuda_gemv.tiling_for(m, k, n) if group is None and x.dtype == jnp.bfloat16 else None
+    tiling = cuda_gemv.tiling_for(m, k, n, w.dtype) if group is None and x.dtype == jnp.bfloat16 else None
     if cfg is None and tiling is None:
         return xla_layer_matmul(x, w, scale, layer)
 
