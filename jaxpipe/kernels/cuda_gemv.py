@@ -120,17 +120,15 @@ def tiling_for(m: int, k: int, n: int, dtype=jnp.int8) -> tuple[int, int, int] |
     """``(tpr, unroll, split)`` for ``m`` rows of ``[m, k] @ [k, n]`` with ``dtype`` weights, or None where the
     Pallas kernel measured faster (a block reads a strip of ``16 * tpr`` columns over ``k / split`` rows,
     ``unroll`` loads in flight per thread; the ``split`` blocks of a strip add their sums up as one cluster).
-    From the H200 sweep of 2026-12-03 (BENCHMARKS.md), one row, Llama-2-7B shapes: int8 gate|up
-    (n = 22016) 1.13 ms per 32 layers at (8, 4, 8) against Pallas 1.25, o (4096 x 4096) 0.41 at (4, 4, 4)
-    against 0.42-0.60; qkv tied, down and every fp8 matmul slower (the e4m3 conversion costs more ALU work
-    than Pallas's native one). Few loads in flight per thread (more resident blocks) beat deep unrolling.
+    From the H200 sweeps of 2026-12-03 (BENCHMARKS.md), one row, Llama-2-7B shapes, ms per 32 layers: int8
+    gate|up (n = 22016) 0.99 at (8, 2, 8) against Pallas 1.25, o (4096 x 4096) 0.39 against 0.43; qkv
+    tied, down, fp8 and 2-4 rows slower (the e4m3 conversion costs more ALU work than Pallas's native
+    one). Few loads in flight per thread (more resident blocks) beat deep unrolling.
     """
-    if m != 1 or jnp.dtype(dtype) != jnp.int8:
+    if m != 1 or jnp.dtype(dtype) != jnp.int8 or n % 128:
         return None
-    if n >= 16384 and n % 128 == 0:
-        return (8, 4, 8)
-    if n < 8192 and k <= 4096 and n % 64 == 0:
-        return (4, 4, 4)
+    if n >= 16384 or (n < 8192 and k <= 4096):
+        return (8, 2, 8)
     return None
 
 
