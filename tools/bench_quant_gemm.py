@@ -274,11 +274,11 @@ def main() -> None:
                     # The CUDA GEMV (jaxpipe/kernels/gemv8.cu) at every built tiling that fits.
                     from jaxpipe.kernels import cuda_gemv
 
-                    chosen = cuda_gemv.tiling_for(m, k, n, w.dtype)
-                    if not cuda_gemv.available():  # builds it and registers its FFI target
+                    chosen = cuda_gemv.tiling_for(m, k, n, w.dtype)  # None: layer_matmul keeps Pallas here
+                    usable = m <= cuda_gemv.MAX_ROWS and cuda_gemv.available()  # builds and registers it
+                    if m <= cuda_gemv.MAX_ROWS and not usable:
                         emit(section="gemm", gemm=g, m=m, kind=kd, variant="cuda", error="not available")
-                        chosen = None
-                    for t in cuda_gemv.TILINGS if m <= cuda_gemv.MAX_ROWS and chosen is not False else ():
+                    for t in cuda_gemv.TILINGS if usable else ():
                         if n % (16 * t[0]):
                             continue
                         crec = dict(rec, kind=kd, variant="cuda", cfg="%dx%dx%d" % t, shipped=t == chosen)
