@@ -28,6 +28,7 @@ from jaxpipe.errors import CheckpointError, JaxpipeError, LayoutError, MemoryPla
 from jaxpipe.kernels.decode_attention import IMPLS as ATTENTION_IMPLS, default_impl
 from jaxpipe.loading import load_params
 from jaxpipe.outputs import RequestOutput
+from jaxpipe.paths import cache_dir
 from jaxpipe.pipeline import PipelineModel
 from jaxpipe.quantize import QUANT_KINDS
 from jaxpipe.sampling import RequestOutputKind, SamplingParams
@@ -53,11 +54,6 @@ _NO_OP_ARGS = {"enforce_eager": "there is no eager mode: every program is compil
                "tokenizer_revision": "local checkpoints only", "download_dir": "nothing is downloaded",
                "hf_token": "nothing is downloaded", "distributed_executor_backend": "jax.distributed is used",
                "max_loras": "no LoRA", "seed_everything": None}
-
-
-def cache_dir() -> str:
-    """Where jaxpipe keeps converted checkpoints: ``$JAXPIPE_CACHE`` or ``~/.cache/jaxpipe``."""
-    return os.environ.get("JAXPIPE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jaxpipe")
 
 
 def default_gguf_path() -> str:

@@ -68,7 +68,7 @@ def test_disabled_by_environment(monkeypatch):
 
 @pytest.mark.skipif(cuda_gemv.find_nvcc() is None, reason="no nvcc on this machine")
 def test_nvcc_builds_the_source_once(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAXPIPE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("JAXPIPE_CACHE", str(tmp_path))
     lib = cuda_gemv.build("sm_90")
     assert lib.parent == tmp_path / "kernels" and lib.name.endswith("-sm_90.so")
     assert sorted(p.name for p in lib.parent.iterdir()) == [lib.name]  # no temporary file left behind
@@ -78,7 +78,7 @@ def test_nvcc_builds_the_source_once(tmp_path, monkeypatch):
 
 
 def test_nvcc_failure_is_reported(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAXPIPE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("JAXPIPE_CACHE", str(tmp_path))
     fake = tmp_path / "nvcc"
     fake.write_text("#!/bin/sh\necho 'nvcc fatal : Unsupported gpu architecture' >&2\nexit 1\n")
     fake.chmod(0o755)

@@ -114,6 +114,8 @@ def main() -> None:
     if args.cuda:
         os.environ["JAXPIPE_CUDA_KERNELS"] = "1"  # opt-in (jaxpipe/kernels/cuda_gemv.py)
     qm = import_kernel()
+    if args.cuda:
+        from jaxpipe.kernels import cuda_gemv
 
     interpret = jax.default_backend() != "gpu"
     dev = jax.devices()[0]
@@ -272,8 +274,6 @@ def main() -> None:
                         emit(**crec, error=repr(e)[:600])
                 if args.cuda and group is None and not interpret:
                     # The CUDA GEMV (jaxpipe/kernels/gemv8.cu) at every built tiling that fits.
-                    from jaxpipe.kernels import cuda_gemv
-
                     chosen = cuda_gemv.tiling_for(m, k, n, w.dtype)  # None: layer_matmul keeps Pallas here
                     usable = m <= cuda_gemv.MAX_ROWS and cuda_gemv.available()  # builds and registers it
                     if m <= cuda_gemv.MAX_ROWS and not usable:

@@ -7,7 +7,7 @@ op, with the traced layer index read on the device.
 
 Building: the first CUDA lowering that wants it runs ``nvcc`` (``$CUDA_HOME/bin/nvcc`` or the PATH) on
 the shipped source for the GPU's own architecture and caches the library under
-``$JAXPIPE_CACHE_DIR`` (default ``~/.cache/jaxpipe``), keyed by the source, the flags and the FFI
+``$JAXPIPE_CACHE/kernels`` (default ``~/.cache/jaxpipe``), keyed by the source, the flags and the FFI
 headers, written to a temporary name and renamed into place (a concurrent build never leaves a
 half-written file). Opt-in (``JAXPIPE_CUDA_KERNELS=1``): on an H200 it beats the Pallas kernel only
 for int8 at one row on gate|up- and o-shaped matrices (``tiling_for``; BENCHMARKS.md, 2026-12-03), and it
@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpipe import paths
 from jaxpipe.kernels import out_struct
 
 SOURCE = Path(__file__).with_name("gemv8.cu")
@@ -55,9 +56,8 @@ def find_nvcc() -> str | None:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("JAXPIPE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxpipe")
-    return Path(root) / "kernels"
+    """Where built kernels are kept: ``kernels/`` under jaxpipe's cache root (``jaxpipe.paths``)."""
+    return Path(paths.cache_dir()) / "kernels"
 
 
 def build(arch: str, nvcc: str | None = None) -> Path:
