@@ -35,6 +35,7 @@ from jaxpipe.config import LlamaConfig
 from jaxpipe.argtypes import positive_float, positive_int, unit_fraction
 from jaxpipe.errors import LayoutError, MemoryPlanError
 from jaxpipe.engine import Engine
+from jaxpipe.kernels import cuda_gemv
 from jaxpipe.kernels.decode_attention import default_impl
 from jaxpipe.pipeline import (DecodeSpec, EngineShape, PipelineModel, PrefillBatch, PrefillSpec,
                               flatten_paths)
@@ -293,6 +294,8 @@ def bench(cfg: LlamaConfig, *, pp: int, tp: int, microbatches: int, batch: int, 
         result["mbu"] = bytes_min / tick_s / (bandwidth_gbps * 1e9)
         result["mbu_read"] = bytes_read / tick_s / (bandwidth_gbps * 1e9)
     result["attention"] = run.decode_spec.attention
+    if quantization:  # whether layer_matmul could take the CUDA GEMV (where its tiling_for picks it)
+        result["cuda_gemv"] = cuda_gemv.available()
     del run, pm, engine
     return result
 

@@ -19,27 +19,34 @@ from jaxpipe.kernels import quant_matmul as qm
 
 
 def test_tiling_rules():
-    # Where the H200 sweep had it beat the Pallas kernel: int8, one row, gate|up and o shapes.
-    assert cuda_gemv.tiling_for(1, 4096, 22016) == (8, 2, 8)
-    assert cuda_gemv.tiling_for(1, 4096, 4096) == (8, 2, 8)
-    assert cuda_gemv.tiling_for(1, 4096, 4096, jnp.float8_e4m3fn) is None  # fp8: Pallas measured faster
+    # Where the H200 sweep had it beat the Pallas kernel: one row, gate|up and o shapes, int8 and fp8.
+    fp8 = jnp.float8_e4m3fn
+    assert cuda_gemv.tiling_for(1, 4096, 22016) == (16, 2, 8)
+    assert cuda_gemv.tiling_for(1, 4096, 22016, fp8) == (16, 1, 8)
+    assert cuda_gemv.tiling_for(1, 4096, 16512) == (8, 2, 4)  # wide, but not a multiple of 256 columns
+    assert cuda_gemv.tiling_for(1, 4096, 4096) == (4, 1, 8)
+    assert cuda_gemv.tiling_for(1, 4096, 4096, fp8) == (4, 1, 8)
     assert cuda_gemv.tiling_for(1, 4096, 12288) is None  # qkv: a tie, the Pallas kernel stays
-    assert cuda_gemv.tiling_for(1, 11008, 4096) is None  # down: Pallas measured faster
-    assert cuda_gemv.tiling_for(2, 4096, 4096) is None  # more rows: not measured faster
-    assert cuda_gemv.tiling_for(1, 4096, 4160) is None  # columns not a multiple of 128
-    for m, k, n in [(1, 4096, 22016), (1, 4096, 4096), (1, 64, 256), (1, 2048, 16384)]:
+    assert cuda_gemv.tiling_for(1, 11008, 4096, fp8) is None  # down: a tie too
+    assert cuda_gemv.tiling_for(2, 4096, 4096) is None  # more rows: slower, not built
+    assert cuda_gemv.tiling_for(1, 4096, 4128) is None  # columns not a multiple of 64
+    assert cuda_gemv.tiling_for(1, 4096, 4096, jnp.bfloat16) is None
+    for m, k, n in [(1, 4096, 22016), (1, 4096, 4096), (1, 64, 256), (1, 2048, 16384), (1, 4096, 16512)]:
         tiling = cuda_gemv.tiling_for(m, k, n)
         assert tiling in cuda_gemv.TILINGS and n % (16 * tiling[0]) == 0
 
 
 def test_shapes_and_bad_tiling():
     x = jax.ShapeDtypeStruct((2, 1, 256), jnp.bfloat16)
-    w = jax.ShapeDtypeStruct((3, 256, 96), jnp.int8)
-    s = jax.ShapeDtypeStruct((3, 96), jnp.float32)
-    y = jax.eval_shape(lambda x, w, s: cuda_gemv.gemv8(x, w, s, jnp.int32(2), tiling=(4, 4, 4)), x, w, s)
-    assert (y.shape, y.dtype) == ((2, 1, 96), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((3, 256, 128), jnp.int8)
+    s = jax.ShapeDtypeStruct((3, 128), jnp.float32)
+    x1 = jax.ShapeDtypeStruct((1, 1, 256), jnp.bfloat16)
+    y = jax.eval_shape(lambda x, w, s: cuda_gemv.gemv8(x, w, s, jnp.int32(2), tiling=(4, 1, 8)), x1, w, s)
+    assert (y.shape, y.dtype) == ((1, 1, 128), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"no kernel for tiling \(3, 8, 8\)"):
-        jax.eval_shape(lambda x, w, s: cuda_gemv.gemv8(x, w, s, 0, tiling=(3, 8, 8)), x, w, s)
+        jax.eval_shape(lambda x, w, s: cuda_gemv.gemv8(x, w, s, 0, tiling=(3, 8, 8)), x1, w, s)
+    with pytest.raises(ValueError, match="2 rows; the kernel is built for at most 1"):
+        jax.eval_shape(lambda x, w, s: cuda_gemv.gemv8(x, w, s, 0, tiling=(4, 1, 8)), x, w, s)
 
 
 def test_cpu_never_builds_or_uses_it(monkeypatch):
@@ -62,6 +69,10 @@ def test_disabled_by_environment(monkeypatch):
     cuda_gemv.available.cache_clear()
     try:
         assert not cuda_gemv.available()
+        monkeypatch.setenv("JAXPIPE_CUDA_KERNELS", "yes")
+        cuda_gemv.available.cache_clear()
+        with pytest.raises(ValueError, match="JAXPIPE_CUDA_KERNELS='yes': use auto"):
+            cuda_gemv.available()
     finally:
         cuda_gemv.available.cache_clear()
 

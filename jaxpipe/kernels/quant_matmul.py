@@ -439,8 +439,8 @@ def layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer) -> 
     ``x @ w[layer]``). ``layer``: int32 scalar, may be traced (a ``fori_loop`` index). Works on local shards
     inside ``shard_map``: N split (scales split with their columns) or K split (per-channel scales
     replicated; group-wise ones split on their group axis, so every shard keeps the group size G). On CUDA,
-    decode-sized rows run the Pallas kernel (or, opted in with ``JAXPIPE_CUDA_KERNELS=1``, the CUDA GEMV
-    of ``cuda_gemv`` where its ``tiling_for`` picks it); everything else runs plain XLA.
+    decode-sized rows run the Pallas kernel, or the CUDA GEMV of ``cuda_gemv`` where its ``tiling_for``
+    picks it and it is ``available()``; everything else runs plain XLA.
     """
     if scale is None:
         return xla_layer_matmul(x, w, None, layer)
@@ -454,8 +454,8 @@ def layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer) -> 
         return xla_layer_matmul(x, w, scale, layer)
 
     def on_cuda(x, w, scale, layer):
-        # Traced as platform_dependent's CUDA branch only; available() is False unless the CUDA kernel
-        # was asked for (JAXPIPE_CUDA_KERNELS=1) and built.
+        # Traced as platform_dependent's CUDA branch only; available() builds the CUDA kernel on first use
+        # (False without nvcc, or with JAXPIPE_CUDA_KERNELS=0).
         if tiling is not None and cuda_gemv.available():
             return cuda_gemv.gemv8(x, w, scale, layer, tiling=tiling)
         if cfg is None:
