@@ -193,16 +193,6 @@ cudaError_t dispatch_tiling(int tpr, int unroll, int split, cudaStream_t s, cons
   return cudaErrorNotSupported;
 }
 
-// One row only: at 2-4 rows this kernel measured slower than the Pallas one (H200, 2026-12-03), so no
-// more are built (the template takes any M <= 4).
-template <bool FP8>
-cudaError_t dispatch_rows(int m, int tpr, int unroll, int split, cudaStream_t s, const int32_t* l,
-                          const __nv_bfloat16* x, const uint8_t* w, const float* sc, __nv_bfloat16* y, int K,
-                          int N) {
-  if (m == 1) return dispatch_tiling<1, FP8>(tpr, unroll, split, s, l, x, w, sc, y, K, N);
-  return cudaErrorNotSupported;
-}
-
 ffi::Error Gemv8(cudaStream_t stream, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer w,
                  ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::BF16> y, int32_t tpr, int32_t unroll,
                  int32_t split) {
@@ -218,6 +208,11 @@ ffi::Error Gemv8(cudaStream_t stream, ffi::Buffer<ffi::S32> layer, ffi::Buffer<f
   if (!fp8 && w.element_type() != ffi::S8) {
     return ffi::Error::InvalidArgument("jaxpipe_gemv8: w must be int8 or float8_e4m3fn");
   }
+  // One row only: at 2-4 rows this kernel measured slower than the Pallas one (H200, 2026-12-03), so no
+  // more are built (the template takes any M <= 4).
+  if (m != 1) {
+    return ffi::Error::InvalidArgument("jaxpipe_gemv8: built for one row, got M=" + std::to_string(m));
+  }
   if (tpr <= 0 || n % (16 * tpr) != 0 || k > INT32_MAX || n > INT32_MAX) {
     return ffi::Error::InvalidArgument("jaxpipe_gemv8: N must be a multiple of 16 * tpr");
   }
@@ -227,8 +222,8 @@ ffi::Error Gemv8(cudaStream_t stream, ffi::Buffer<ffi::S32> layer, ffi::Buffer<f
   const auto* sp = scale.typed_data();
   auto* yp = reinterpret_cast<__nv_bfloat16*>(y->untyped_data());
   const cudaError_t err =
-      fp8 ? dispatch_rows<true>(int(m), tpr, unroll, split, stream, lp, xp, wp, sp, yp, int(k), int(n))
-          : dispatch_rows<false>(int(m), tpr, unroll, split, stream, lp, xp, wp, sp, yp, int(k), int(n));
+      fp8 ? dispatch_tiling<1, true>(tpr, unroll, split, stream, lp, xp, wp, sp, yp, int(k), int(n))
+          : dispatch_tiling<1, false>(tpr, unroll, split, stream, lp, xp, wp, sp, yp, int(k), int(n));
   if (err == cudaErrorNotSupported) {
     return ffi::Error::InvalidArgument("jaxpipe_gemv8: no kernel for M=" + std::to_string(m) + ", tpr=" +
                                        std::to_string(tpr) + ", unroll=" + std::to_string(unroll) +
