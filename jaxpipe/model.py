@@ -21,6 +21,7 @@ from jaxpipe.config import LlamaConfig
 from jaxpipe.kernels.decode_attention import (MASK_VALUE, decode_attention, decode_attention_rows,
                                               fused_decode_attention)
 from jaxpipe.kernels.quant_matmul import layer_matmul
+from jaxpipe.nn import rms_norm, swiglu
 from jaxpipe.quantize import check_kind, random_quantized
 
 class KVCache(NamedTuple):
@@ -68,13 +69,6 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv = np.where(medium, smoothed, scaled).astype(np.float32)
     return inv
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm with float32 statistics, cast back before the weight (as transformers does)."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * y.astype(x.dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -144,17 +138,17 @@ class DecoderLayers(nnx.Module):
         """Layer ``i``'s slice of a stacked parameter."""
         return getattr(self, name)[...][i]
 
-    def _matmul(self, h, name: str, i):
+    def _matmul(self, h, name: str, i, **fused):
         # The whole stack and the layer index go to layer_matmul: its kernel reads w[i] (8-bit) in place.
+        # ``fused``: the norm before / activation before / residual after, which its CUDA GEMV does in-kernel.
         scale = getattr(self, name + "_scale")[...] if self.quantization else None
-        return layer_matmul(h, getattr(self, name)[...], scale, i)
+        return layer_matmul(h, getattr(self, name)[...], scale, i, **fused)
 
     def _layer(self, i, x, cache: KVCache, step: StepInputs, cos, sin, tensor_axis, attention: str):
         cfg = self.cfg
         d = cfg.head_dim
         b, t, _ = x.shape
-        h = rms_norm(x, self._param("attn_norm", i), cfg.rms_norm_eps)
-        qkv = self._matmul(h, "wqkv", i)
+        qkv = self._matmul(x, "wqkv", i, norm=self.attn_norm[...], eps=cfg.rms_norm_eps)
         if cfg.attention_bias:
             qkv = qkv + self._param("bqkv", i)
         q_width = cfg.q_size // self.tensor_parallel  # this shard's query columns
@@ -195,18 +189,23 @@ class DecoderLayers(nnx.Module):
     def _mlp_block(self, i, x, attn, tensor_axis):
         """The rest of layer ``i`` after attention: the output projection, the residual, the MLP."""
         cfg = self.cfg
-        out = self._matmul(attn, "wo", i)
-        out = jax.lax.psum(out, tensor_axis) if tensor_axis else out
-        if cfg.attention_bias:
-            out = out + self._param("bo", i)
-        x = x + out
+        if tensor_axis is None and not cfg.attention_bias:  # the residual add goes with the matmul
+            x = self._matmul(attn, "wo", i, residual=x)
+        else:
+            out = self._matmul(attn, "wo", i)
+            out = jax.lax.psum(out, tensor_axis) if tensor_axis else out
+            if cfg.attention_bias:
+                out = out + self._param("bo", i)
+            x = x + out
 
-        h = rms_norm(x, self._param("mlp_norm", i), cfg.rms_norm_eps)
-        gate_up = self._matmul(h, "w_gate_up", i)
+        gate_up = self._matmul(x, "w_gate_up", i, norm=self.mlp_norm[...], eps=cfg.rms_norm_eps)
         if cfg.mlp_bias:
             gate_up = gate_up + self._param("b_gate_up", i)
-        gate, up = jnp.split(gate_up, 2, axis=-1)
-        out = self._matmul(jax.nn.silu(gate) * up, "w_down", i)
+            out = self._matmul(swiglu(gate_up), "w_down", i)
+        elif tensor_axis is None:
+            return self._matmul(gate_up, "w_down", i, swiglu=True, residual=x)
+        else:
+            out = self._matmul(gate_up, "w_down", i, swiglu=True)
         out = jax.lax.psum(out, tensor_axis) if tensor_axis else out
         if cfg.mlp_bias:
             out = out + self._param("b_down", i)

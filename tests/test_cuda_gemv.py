@@ -19,21 +19,27 @@ from jaxpipe.kernels import quant_matmul as qm
 
 
 def test_tiling_rules():
-    # Where the H200 sweep had it beat the Pallas kernel: one row, gate|up and o shapes, int8 and fp8.
+    # One row, int8 and fp8, every Llama-2-7B decode matmul (the H200 sweeps' choices).
     fp8 = jnp.float8_e4m3fn
-    assert cuda_gemv.tiling_for(1, 4096, 22016) == (16, 2, 8)
+    assert cuda_gemv.tiling_for(1, 4096, 22016) == (16, 2, 8)  # gate|up
     assert cuda_gemv.tiling_for(1, 4096, 22016, fp8) == (16, 1, 8)
     assert cuda_gemv.tiling_for(1, 4096, 16512) == (8, 2, 4)  # wide, but not a multiple of 256 columns
-    assert cuda_gemv.tiling_for(1, 4096, 4096) == (4, 1, 8)
+    assert cuda_gemv.tiling_for(1, 4096, 4096) == (4, 1, 8)  # o
     assert cuda_gemv.tiling_for(1, 4096, 4096, fp8) == (4, 1, 8)
-    assert cuda_gemv.tiling_for(1, 4096, 12288) is None  # qkv: a tie, the Pallas kernel stays
-    assert cuda_gemv.tiling_for(1, 11008, 4096, fp8) is None  # down: a tie too
+    assert cuda_gemv.tiling_for(1, 4096, 12288) == (8, 2, 4)  # qkv: int8 only (fused, it is faster)
+    assert cuda_gemv.tiling_for(1, 4096, 12288, fp8) is None
+    assert cuda_gemv.tiling_for(1, 11008, 4096) == (4, 2, 8)  # down: int8 only
+    assert cuda_gemv.tiling_for(1, 11008, 4096, fp8) is None
+    assert cuda_gemv.fuses(jnp.int8) and not cuda_gemv.fuses(fp8)
+    assert cuda_gemv.tiling_for(1, 8 * 8192 + 8, 4096) is None  # a block's slice of K would not fit
     assert cuda_gemv.tiling_for(2, 4096, 4096) is None  # more rows: slower, not built
     assert cuda_gemv.tiling_for(1, 4096, 4128) is None  # columns not a multiple of 64
     assert cuda_gemv.tiling_for(1, 4096, 4096, jnp.bfloat16) is None
-    for m, k, n in [(1, 4096, 22016), (1, 4096, 4096), (1, 64, 256), (1, 2048, 16384), (1, 4096, 16512)]:
-        tiling = cuda_gemv.tiling_for(m, k, n)
-        assert tiling in cuda_gemv.TILINGS and n % (16 * tiling[0]) == 0
+    for m, k, n in [(1, 4096, 22016), (1, 4096, 4096), (1, 64, 256), (1, 2048, 16384), (1, 4096, 16512),
+                    (1, 4096, 12288), (1, 11008, 4096), (1, 576, 960), (1, 1536, 576)]:
+        for dtype in (jnp.int8, fp8):
+            tiling = cuda_gemv.tiling_for(m, k, n, dtype)
+            assert tiling is None and dtype == fp8 or tiling in cuda_gemv.TILINGS and n % (16 * tiling[0]) == 0
 
 
 def test_shapes_and_bad_tiling():
@@ -47,6 +53,56 @@ def test_shapes_and_bad_tiling():
         jax.eval_shape(lambda x, w, s: cuda_gemv.gemv8(x, w, s, 0, tiling=(3, 8, 8)), x1, w, s)
     with pytest.raises(ValueError, match="2 rows; the kernel is built for at most 1"):
         jax.eval_shape(lambda x, w, s: cuda_gemv.gemv8(x, w, s, 0, tiling=(4, 1, 8)), x, w, s)
+
+
+def test_fused_variants_shapes_and_errors():
+    # The norm / swiglu / residual variants: the row is [1, K] ([1, 2K] = gate | up for swiglu), the result [1, N].
+    w = jax.ShapeDtypeStruct((3, 256, 128), jnp.float8_e4m3fn)
+    s = jax.ShapeDtypeStruct((3, 128), jnp.float32)
+    x = jax.ShapeDtypeStruct((1, 1, 256), jnp.bfloat16)
+    gate_up = jax.ShapeDtypeStruct((1, 1, 512), jnp.bfloat16)
+    norm = jax.ShapeDtypeStruct((3, 256), jnp.bfloat16)
+    res = jax.ShapeDtypeStruct((1, 1, 128), jnp.bfloat16)
+    t = (4, 1, 8)
+    for f, args in [(lambda x, n, w, s: cuda_gemv.gemv8(x, w, s, 1, tiling=t, norm=n, eps=1e-5), (x, norm, w, s)),
+                    (lambda x, w, s, r: cuda_gemv.gemv8(x, w, s, 1, tiling=t, swiglu=True, residual=r), (gate_up, w, s, res)),
+                    (lambda x, w, s, r: cuda_gemv.gemv8(x, w, s, 1, tiling=t, residual=r), (x, w, s, res))]:
+        y = jax.eval_shape(f, *args)
+        assert (y.shape, y.dtype) == ((1, 1, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="two different inputs"):
+        jax.eval_shape(lambda x, n, w, s: cuda_gemv.gemv8(x, w, s, 0, tiling=t, norm=n, swiglu=True), x, norm, w, s)
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_layer_matmul_fused_ops_are_the_models_ops(kind):
+    # layer_matmul(norm= / swiglu= / residual=) means jaxpipe.nn's ops around the matmul; on CPU it is them.
+    from jaxpipe import nn
+    from jaxpipe.quantize import quantize
+
+    rng = np.random.default_rng(1)
+    k, n = 64, 128
+    q, s = quantize(rng.standard_normal((3, k, n)).astype(np.float32) * 0.1, kind)
+    q, s = jnp.asarray(q), jnp.asarray(s)
+    x = jnp.asarray(rng.standard_normal((1, 1, k)) * 2, jnp.bfloat16)
+    gate_up = jnp.asarray(rng.standard_normal((1, 1, 2 * k)), jnp.bfloat16)
+    norm = jnp.asarray(1 + 0.1 * rng.standard_normal((3, k)), jnp.bfloat16)
+    res = jnp.asarray(rng.standard_normal((1, 1, n)), jnp.bfloat16)
+    i = jnp.int32(2)
+    cases = [
+        (lambda: qm.layer_matmul(x, q, s, i, norm=norm, eps=1e-5),
+         lambda: qm.xla_layer_matmul(nn.rms_norm(x, norm[i], 1e-5), q, s, i)),
+        (lambda: qm.layer_matmul(gate_up, q, s, i, swiglu=True, residual=res),
+         lambda: res + qm.xla_layer_matmul(nn.swiglu(gate_up), q, s, i)),
+        (lambda: qm.layer_matmul(x, q, s, i, residual=res), lambda: res + qm.xla_layer_matmul(x, q, s, i)),
+        (lambda: qm.layer_matmul(x, q[:, :, :k].astype(jnp.bfloat16), None, i, norm=norm, eps=1e-5),  # unquantized
+         lambda: nn.rms_norm(x, norm[i], 1e-5) @ q[i, :, :k].astype(jnp.bfloat16)),
+    ]
+    for got, want in cases:
+        g, w_ = np.asarray(jax.jit(got)(), np.float32), np.asarray(jax.jit(want)(), np.float32)
+        assert g.shape == w_.shape
+        np.testing.assert_array_equal(g, w_)
+    with pytest.raises(ValueError, match="two different inputs"):
+        qm.layer_matmul(x, q, s, i, norm=norm, swiglu=True)
 
 
 def test_cpu_never_builds_or_uses_it(monkeypatch):

@@ -40,6 +40,8 @@ def test_kernels_group_by_name_without_numbers_and_templates(tool):
     assert tool.group_name("loop_fusion.12") == tool.group_name("loop_fusion.7") == "loop_fusion"
     assert tool.group_name("quant_matmul_gemv_2") == "quant_matmul_gemv"
     assert tool.group_name("std::enable_if<true, void>::type gemvx::kernel<int>(p)") == "std::enable_if"
+    assert (tool.group_name("void (anonymous namespace)::gemv8_kernel<16, 1, 8, true, 1, false>(int const*, float)")
+            == "gemv8_kernel<16, 1, 8, true, 1, false>")
 
 
 def test_summary_per_step(tool):

@@ -47,6 +47,9 @@ def device_events(trace: dict) -> list[dict]:
 
 def group_name(name: str) -> str:
     """A kernel's group: its name without numeric suffixes and template noise."""
+    name = name.replace("(anonymous namespace)::", "")
+    if name.startswith("void "):  # a CUDA C++ kernel: keep its template arguments (the tiling, the variant)
+        return name[5:].split("(")[0]
     name = name.split("(")[0].split("<")[0]
     return re.sub(r"[._]\d+", "", name)
 

@@ -3,18 +3,22 @@
 ``gemv8(x, w, scale, layer)`` is ``layer_matmul``'s meaning for per-channel int8 / float8_e4m3fn stacks
 at one bf16 row: ``y = bf16((x @ q[layer]) * scale[layer])``, float32 sums. It is an XLA FFI
 custom call (command-buffer compatible), so it runs inside jit, ``fori_loop`` and ``shard_map`` like any
-op, with the traced layer index read on the device.
+op, with the traced layer index read on the device. It also takes the decode layer's neighbouring ops into
+the same kernel (``norm=``: the RMSNorm before the matmul; ``swiglu=True``: silu(gate) * up before it;
+``residual=``: the residual add after it), so that a Llama layer's decode step at one row is its four GEMVs
+and its attention kernel, not ~14 launches (BENCHMARKS.md, 2026-12-04).
 
 Building: the first CUDA lowering that wants it runs ``nvcc`` (``$CUDA_HOME/bin/nvcc`` or the PATH) on
 the shipped source for the GPU's own architecture and caches the library under
 ``$JAXPIPE_CACHE/kernels`` (default ``~/.cache/jaxpipe``), keyed by the source, the flags and the FFI
 headers, written to a temporary name and renamed into place (a concurrent build never leaves a
-half-written file); about 10-20 s, once per source version and GPU architecture.
+half-written file); about 20 s, once per source version and GPU architecture.
 
 On by default where it can be (``JAXPIPE_CUDA_KERNELS`` unset or ``auto``): a CUDA GPU and an nvcc. Off
-with ``JAXPIPE_CUDA_KERNELS=0``; ``=1`` also warns when there is no nvcc. On an H200 it beats the Pallas
-kernel at one row on gate|up- and o-shaped matrices (``tiling_for``; BENCHMARKS.md, 2026-12-03); elsewhere,
-and wherever it is unavailable or its build fails (one warning), ``layer_matmul`` runs its Pallas kernel.
+with ``JAXPIPE_CUDA_KERNELS=0``; ``=1`` also warns when there is no nvcc. At one row it takes the
+Llama decode matmuls ``tiling_for`` names (BENCHMARKS.md, 2026-12-03 and -04), with their neighbouring ops
+where ``fuses`` says so; at more rows, and wherever it is unavailable or its build fails (one warning),
+``layer_matmul`` runs its Pallas kernel.
 """
 
 from __future__ import annotations
@@ -39,10 +43,15 @@ from jaxpipe.kernels import out_struct
 
 SOURCE = Path(__file__).with_name("gemv8.cu")
 TARGET = "jaxpipe_gemv8"
+# FFI target name -> the library's handler symbol, one per (input, residual) variant (gemv8.cu's header).
+_TARGETS = {"jaxpipe_gemv8": "JaxpipeGemv8", "jaxpipe_gemv8_res": "JaxpipeGemv8Res",
+            "jaxpipe_gemv8_norm": "JaxpipeGemv8Norm", "jaxpipe_gemv8_swiglu": "JaxpipeGemv8Swiglu",
+            "jaxpipe_gemv8_swiglu_res": "JaxpipeGemv8SwigluRes"}
 MAX_ROWS = 1  # rows built: at 2-4 the kernel measured slower than the Pallas one (H200, 2026-12-03)
+MAX_SLICE = 8192  # rows of K one block stages in shared memory (gemv8.cu's kMaxSlice)
 # (tpr, unroll, split) built in gemv8.cu (JAXPIPE_GEMV8_TILINGS): threads per weight row (16 columns
 # each), 16-byte loads in flight per thread, blocks per cluster (slices of K).
-TILINGS = ((4, 1, 8), (4, 2, 8), (8, 1, 8), (8, 2, 4), (16, 1, 8), (16, 2, 8))
+TILINGS = ((4, 1, 8), (4, 2, 8), (8, 2, 4), (16, 1, 8), (16, 2, 8))
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-diag-suppress", "940,2473")
 
 
@@ -119,7 +128,8 @@ def available() -> bool:
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(build(arch, nvcc)))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxpipeGemv8), platform="CUDA")
+        for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA")
     except Exception as e:  # noqa: BLE001 - any failure means: use the Pallas kernel
         warnings.warn(f"jaxpipe: the CUDA GEMV kernel is not available ({e}); using the Pallas kernel "
                       "(JAXPIPE_CUDA_KERNELS=0 turns it off)", stacklevel=2)
@@ -129,41 +139,76 @@ def available() -> bool:
 
 def tiling_for(m: int, k: int, n: int, dtype=jnp.int8) -> tuple[int, int, int] | None:
     """``(tpr, unroll, split)`` for ``m`` rows of ``[m, k] @ [k, n]`` with ``dtype`` weights, or None where the
-    Pallas kernel measured as fast or faster (a block reads a strip of ``16 * tpr`` columns over ``k / split``
-    rows, ``unroll`` loads in flight per thread; the ``split`` blocks of a strip add their sums up as one
-    cluster). From the H200 sweep of 2026-12-03 (BENCHMARKS.md, eighth session), one row, Llama-2-7B shapes,
-    ms per 32 layers, CUDA against Pallas: gate|up (n = 22016) int8 0.93 at (16, 2, 8) against 1.25, fp8
-    0.85 at (16, 1, 8) against 1.10; o (4096 x 4096) int8 0.51 / fp8 0.45 at (4, 1, 8) against 0.67 / 0.95.
-    qkv and down were ties (within 3%), so they keep the Pallas kernel; 2-4 rows were slower.
+    Pallas kernel runs instead (a block reads a strip of ``16 * tpr`` columns over ``k / split`` rows,
+    ``unroll`` loads in flight per thread; the ``split`` blocks of a strip add their sums up as one cluster).
+
+    From the H200 sweeps (BENCHMARKS.md, 2026-12-03 and -04), one row, Llama-2-7B shapes, ms per 32 layers,
+    CUDA against Pallas: gate|up (n = 22016) int8 0.93 at (16, 2, 8) against 1.25, fp8 0.85 at (16, 1, 8)
+    against 1.10; o (4096 x 4096) int8 0.51 / fp8 0.45 at (4, 1, 8) against 0.67 / 0.95. int8 also takes qkv
+    (n = 12288, (8, 2, 4)) and down (k = 11008, (4, 2, 8)), ties alone, because with ``fuses`` the kernel
+    also does the norm, activation, residual and split-K sum around them: 2.88 against 2.97 ms a decode
+    step end to end. fp8 does not (its fused steps measured 2.95-3.04 against 2.83), so there qkv and down
+    stay with Pallas. 2-4 rows were slower than Pallas: not built.
     """
     kind = jnp.dtype(dtype)
     if m != 1 or kind not in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn)):
         return None
-    if n >= 16384 and n % 256 == 0:  # wide (gate|up): long strips, 8 slices of K
-        return (16, 2, 8) if kind == jnp.int8 else (16, 1, 8)
-    if n >= 16384 and n % 128 == 0:
-        return (8, 2, 4)
-    if n < 8192 and k <= 4096 and n % 64 == 0:  # small and square (o): narrow strips, many blocks
-        return (4, 1, 8)
-    return None
+    fp8 = kind == jnp.float8_e4m3fn
+    if n >= 16384 and n % 256 == 0:  # gate|up: long strips
+        tiling = (16, 1, 8) if fp8 else (16, 2, 8)
+    elif n >= 16384 and n % 128 == 0:
+        tiling = (8, 2, 4)
+    elif n < 8192 and k <= 4096 and n % 64 == 0:  # o: narrow strips, many blocks
+        tiling = (4, 1, 8)
+    elif fp8:
+        return None
+    elif n >= 8192 and n % 128 == 0:  # int8 qkv
+        tiling = (8, 2, 4)
+    elif n % 64 == 0:  # int8 down
+        tiling = (4, 2, 8)
+    else:
+        return None
+    return tiling if -(-k // tiling[2]) <= MAX_SLICE else None
 
 
-def gemv8(x: jax.Array, w: jax.Array, scale: jax.Array, layer, *, tiling: tuple[int, int, int]) -> jax.Array:
-    """``x[..., K]`` bf16 (1..4 rows) ``@ q[layer]`` (``w[L, K, N]`` int8 / float8_e4m3fn) ``* scale[layer]``
-    (``scale[L, N]`` float32) -> ``[..., N]`` bf16. ``tiling``: one of ``TILINGS`` with
+def fuses(dtype) -> bool:
+    """Whether ``layer_matmul`` hands the norm / activation / residual around a matmul to the kernel with
+    ``dtype`` weights (else XLA runs them and the kernel does the plain matmul). int8: yes, 2.88 against
+    2.97 ms a Llama-2-7B decode step at one row; fp8: no, 2.95-3.04 against 2.83 (H200, 2026-12-04)."""
+    return jnp.dtype(dtype) == jnp.dtype(jnp.int8)
+
+
+def gemv8(x: jax.Array, w: jax.Array, scale: jax.Array, layer, *, tiling: tuple[int, int, int],
+          norm: jax.Array | None = None, eps: float = 0.0, swiglu: bool = False,
+          residual: jax.Array | None = None) -> jax.Array:
+    """``h @ q[layer] * scale[layer]`` -> ``[..., N]`` bf16 for one bf16 row (``w[L, K, N]`` int8 /
+    float8_e4m3fn, ``scale[L, N]`` float32), where the row ``h`` is ``x[..., K]``, or with ``norm`` (a
+    ``[L, K]`` bf16 stack) ``rms_norm(x, norm[layer], eps)``, or with ``swiglu`` ``silu(gate) * up`` of
+    ``x[..., 2K] = gate | up``; with ``residual[..., N]`` (bf16) the result is ``residual + y``. These are
+    ``jaxpipe.nn``'s ops, rounded where they round. ``tiling``: one of ``TILINGS`` with
     ``N % (16 * tpr) == 0`` (``tiling_for`` picks one). CUDA only: call it where ``available()`` is True."""
     if tuple(tiling) not in TILINGS:
         raise ValueError(f"gemv8: no kernel for tiling {tiling}; built: {TILINGS}")
+    if norm is not None and swiglu:
+        raise ValueError("gemv8: norm= and swiglu=True are two different inputs; give one")
     tpr, unroll, split = tiling
-    lead, k, n = x.shape[:-1], x.shape[-1], w.shape[-1]
+    lead, n = x.shape[:-1], w.shape[-1]
     if math.prod(lead) > MAX_ROWS:
         raise ValueError(f"gemv8: {math.prod(lead)} rows; the kernel is built for at most {MAX_ROWS}")
-    x2 = x.reshape(math.prod(lead), k)
+    x2 = x.reshape(math.prod(lead), x.shape[-1])
     layer = jnp.asarray(layer, jnp.int32).reshape(1)
-    out = out_struct((x2.shape[0], n), jnp.bfloat16, x2, w, scale, layer)
-    y = jax.ffi.ffi_call(TARGET, out)(layer, x2, w, scale, tpr=np.int32(tpr), unroll=np.int32(unroll),
-                                     split=np.int32(split))
+    kind = "norm" if norm is not None else "swiglu" if swiglu else ""
+    target = "_".join(filter(None, (TARGET, kind, "res" if residual is not None else "")))
+    operands = [layer, x2] + ([norm] if norm is not None else []) + [w, scale]
+    if residual is not None:
+        operands.append(residual.reshape(x2.shape[0], n))
+    attrs = dict(tpr=np.int32(tpr), unroll=np.int32(unroll), split=np.int32(split))
+    if norm is not None:
+        attrs["eps"] = np.float32(eps)
+    out = out_struct((x2.shape[0], n), jnp.bfloat16, *operands)
+    y = jax.ffi.ffi_call(target, out)(*operands, **attrs)
     return y.reshape(*lead, n)
 
 
-__all__ = ["MAX_ROWS", "TILINGS", "available", "build", "cache_dir", "find_nvcc", "gemv8", "tiling_for"]
+__all__ = ["MAX_ROWS", "MAX_SLICE", "TILINGS", "available", "build", "cache_dir", "find_nvcc", "fuses", "gemv8",
+           "tiling_for"]

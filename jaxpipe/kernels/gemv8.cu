@@ -1,18 +1,28 @@
-// jaxpipe_gemv8: one layer's decode GEMV against a stack of 8-bit weights, as an XLA FFI target.
+// jaxpipe_gemv8: one layer's decode GEMV against a stack of 8-bit weights, as XLA FFI targets.
 //
-//   y[m, n] = bf16((sum_k x[m, k] * q[layer, k, n]) * scale[layer, n])     m < M rows (built: M = 1)
+//   y[n] = bf16((sum_k h[k] * q[layer, k, n]) * scale[layer, n])          (one row)
 //
-// q[L, K, N] is int8 or float8_e4m3fn (row-major, N contiguous), scale[L, N] float32, x[M, K] and y[M, N]
+// q[L, K, N] is int8 or float8_e4m3fn (row-major, N contiguous), scale[L, N] float32, the row and y
 // bfloat16, layer an int32 in device memory (a traced fori_loop index). The meaning is layer_matmul's
 // (jaxpipe/kernels/quant_matmul.py): products exact, float32 sums, one multiply by the column's scale, one
-// rounding. Built by jaxpipe/kernels/cuda_gemv.py with nvcc on first use (sm_90: thread-block clusters).
+// rounding. The input row h is, by target (the model's own ops, rounded to bf16 where they round):
+//   jaxpipe_gemv8          h = x                                   x[1, K]
+//   jaxpipe_gemv8_norm     h = rms_norm(x, norm[layer], eps)       x[1, K], norm[L, K] bf16
+//   jaxpipe_gemv8_swiglu   h = silu(x[:K]) * x[K:]                 x[1, 2K] (gate | up)
+// and the *_res targets return residual + y (residual[1, N] bf16, one more rounding), so one kernel does
+// what XLA launches 2-5 kernels for around each decode matmul (the norm's reduction and scaling, the
+// activation, the residual add, Pallas's split-K sum). Built by jaxpipe/kernels/cuda_gemv.py with nvcc on
+// first use (sm_90: thread-block clusters).
 //
 // Layout of the work: a block owns a strip of 16 * TPR columns and one of CS slices of K; TPR threads
 // cover a row of the strip (16 bytes each, so 64-256 contiguous bytes per row), and each thread keeps U
-// loads in flight. The CS blocks of a strip form one thread-block cluster: each sums its slice (warp
-// shuffles, then its 8 warps through shared memory), and the cluster adds the CS partial sums through
-// distributed shared memory, in rank order. So split-K needs no float32 partials in global memory, no
-// second kernel and no atomics, and the result does not depend on scheduling.
+// loads in flight and the next U loads issued while it converts the current ones. The block first stages
+// its slice of h in shared memory (float32; the norm's sum of squares is over all of x, which every block
+// reads: 8 KB from L2 at Llama-2-7B's width), with its first weight loads already in flight. The CS
+// blocks of a strip form one thread-block cluster: each sums its slice (warp shuffles, then its 8 warps
+// through shared memory), and the cluster adds the CS partial sums through distributed shared memory, in
+// rank order. So split-K needs no float32 partials in global memory, no second kernel and no atomics, and
+// the result does not depend on scheduling.
 
 #include <cstdint>
 #include <string>
@@ -32,6 +42,10 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// Six resident blocks a multiprocessor (at most 40 registers a thread, as the 2026-12-03 kernel took): the
+// GEMV is bound by the loads in flight. A first version at 56-64 registers (4 blocks; it also double-buffered
+// its loads in registers) ran 1.2x slower end to end on an H200 (2026-12-04).
+constexpr int kMinBlocks = 6;
 
 // Four int8 values packed in a word -> four floats, exactly. Each byte with its sign bit flipped is v + 128
 // as an unsigned byte; placed as the low mantissa byte of 2^23 (bits 0x4B000000) it reads 2^23 + 128 + v,
@@ -57,12 +71,36 @@ __device__ __forceinline__ void fp8x4_to_float(uint32_t word, float out[4]) {
   out[3] = b.y;
 }
 
-template <int M, int TPR, int U, int CS, bool FP8>
-__global__ void __launch_bounds__(kThreads) gemv8_kernel(const int32_t* __restrict__ layer_index,
+
+// Another cluster rank's float at the same shared-memory offset as p. Volatile asm, so that nvcc does not hoist
+// the ranks' addresses (mapa) above the main loop, where 8 live 64-bit addresses cost 16-24 registers.
+__device__ __forceinline__ float cluster_load(const float* p, int rank) {
+  const uint32_t local = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  uint32_t remote;
+  float v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+enum Prologue { kPlain = 0, kRmsNorm = 1, kSwiglu = 2 };
+
+// Whether a target stages its input row in shared memory: all but the plain one (the residual one too, as
+// measured: int8 end to end 2.88 against 2.97 ms at one row with all four matmuls fused, H200, 2026-12-04).
+__host__ __device__ constexpr bool Staged(int pro, bool res) { return pro != kPlain || res; }
+
+constexpr int kMaxSlice = 8192;  // floats of h staged per block: at most 32 KB of dynamic shared memory
+
+template <int TPR, int U, int CS, bool FP8, int PRO, bool RES>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) gemv8_kernel(const int32_t* __restrict__ layer_index,
                                                         const __nv_bfloat16* __restrict__ x,
+                                                        const __nv_bfloat16* __restrict__ norm,
                                                         const uint8_t* __restrict__ w,
                                                         const float* __restrict__ scale,
-                                                        __nv_bfloat16* __restrict__ y, int K, int N) {
+                                                        const __nv_bfloat16* __restrict__ residual,
+                                                        __nv_bfloat16* __restrict__ y, int K, int N, float eps) {
   constexpr int kCols = 16 * TPR;  // columns of this block's strip
   constexpr int kRowsPerPass = kThreads / TPR;
   static_assert(kCols % CS == 0, "each cluster rank writes kCols / CS columns");
@@ -72,16 +110,50 @@ __global__ void __launch_bounds__(kThreads) gemv8_kernel(const int32_t* __restri
   const int layer = *layer_index;
   const int col0 = blockIdx.x * kCols;
   const int slice = (K + CS - 1) / CS;
-  const int k_end = min(K, (rank + 1) * slice);
+  const int k_begin = rank * slice;
+  const int k_end = min(K, k_begin + slice);
+
+  // This block's slice of the input row, as the model computes it (see the targets above), staged in shared
+  // memory, except for the plain target, which reads x in the loop as the 2026-12-03 kernel did.
+  extern __shared__ float h[];  // slice floats (the launch's dynamic shared memory)
+  constexpr bool kStage = Staged(PRO, RES);
+  if constexpr (PRO == kRmsNorm) {
+    __shared__ float red[kWarps];
+    float ss = 0.0f;  // x32 * x32 summed over all of K
+    for (int k = tid; k < K; k += kThreads) {
+      const float f = __bfloat162float(x[k]);
+      ss = fmaf(f, f, ss);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    if (tid % 32 == 0) red[tid / 32] = ss;
+    __syncthreads();
+    float total = 0.0f;
+#pragma unroll
+    for (int p = 0; p < kWarps; ++p) total += red[p];
+    const float r = rsqrtf(total / float(K) + eps);
+    const __nv_bfloat16* nw = norm + size_t(layer) * K;
+    for (int k = k_begin + tid; k < k_end; k += kThreads) {
+      // weight * (x32 * r).astype(bf16), the product rounded to bf16
+      h[k - k_begin] = round_bf16(__bfloat162float(nw[k]) * round_bf16(__bfloat162float(x[k]) * r));
+    }
+  } else if constexpr (PRO == kSwiglu) {
+    for (int k = k_begin + tid; k < k_end; k += kThreads) {
+      const float g = __bfloat162float(x[k]), u = __bfloat162float(x[K + k]);
+      const float sig = round_bf16(1.0f / (1.0f + expf(-g)));  // silu(g) = g * sigmoid(g), each op in bf16
+      h[k - k_begin] = round_bf16(round_bf16(g * sig) * u);
+    }
+  } else if constexpr (kStage) {
+    for (int k = k_begin + tid; k < k_end; k += kThreads) h[k - k_begin] = __bfloat162float(x[k]);
+  }
+  if constexpr (kStage) __syncthreads();
+
   const uint8_t* wp = w + size_t(layer) * size_t(K) * size_t(N) + col0 + chunk * 16;
-
-  float acc[M][16];
+  float acc[16];
 #pragma unroll
-  for (int m = 0; m < M; ++m)
-#pragma unroll
-    for (int c = 0; c < 16; ++c) acc[m][c] = 0.0f;
+  for (int c = 0; c < 16; ++c) acc[c] = 0.0f;
 
-  for (int k0 = rank * slice + tid / TPR; k0 < k_end; k0 += kRowsPerPass * U) {
+  for (int k0 = k_begin + tid / TPR; k0 < k_end; k0 += kRowsPerPass * U) {
     uint4 v[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {  // all U loads issued before any is used
@@ -92,9 +164,7 @@ __global__ void __launch_bounds__(kThreads) gemv8_kernel(const int32_t* __restri
     for (int u = 0; u < U; ++u) {
       const int k = k0 + u * kRowsPerPass;
       if (k < k_end) {
-        float xv[M];
-#pragma unroll
-        for (int m = 0; m < M; ++m) xv[m] = __bfloat162float(x[size_t(m) * K + k]);
+        const float xv = kStage ? h[k - k_begin] : __bfloat162float(x[k]);
         const uint32_t words[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -105,9 +175,7 @@ __global__ void __launch_bounds__(kThreads) gemv8_kernel(const int32_t* __restri
             int8x4_to_float(words[j], f);
           }
 #pragma unroll
-          for (int c = 0; c < 4; ++c)
-#pragma unroll
-            for (int m = 0; m < M; ++m) acc[m][4 * j + c] = fmaf(xv[m], f[c], acc[m][4 * j + c]);
+          for (int c = 0; c < 4; ++c) acc[4 * j + c] = fmaf(xv, f[c], acc[4 * j + c]);
         }
       }
     }
@@ -117,26 +185,21 @@ __global__ void __launch_bounds__(kThreads) gemv8_kernel(const int32_t* __restri
 #pragma unroll
   for (int off = TPR; off < 32; off *= 2)
 #pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int c = 0; c < 16; ++c) acc[m][c] += __shfl_xor_sync(0xffffffffu, acc[m][c], off);
+    for (int c = 0; c < 16; ++c) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], off);
 
-  __shared__ float warp_sums[kWarps][M][kCols];
-  __shared__ float block_sum[M][kCols];
+  __shared__ float warp_sums[kWarps][kCols];
+  __shared__ float block_sum[kCols];
   const int lane = tid % 32, warp = tid / 32;
   if (lane < TPR) {
 #pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int c = 0; c < 16; ++c) warp_sums[warp][m][lane * 16 + c] = acc[m][c];
+    for (int c = 0; c < 16; ++c) warp_sums[warp][lane * 16 + c] = acc[c];
   }
   __syncthreads();
-  for (int i = tid; i < M * kCols; i += kThreads) {
-    const int m = i / kCols, c = i % kCols;
+  for (int c = tid; c < kCols; c += kThreads) {
     float s = 0.0f;
 #pragma unroll
-    for (int p = 0; p < kWarps; ++p) s += warp_sums[p][m][c];
-    block_sum[m][c] = s;
+    for (int p = 0; p < kWarps; ++p) s += warp_sums[p][c];
+    block_sum[c] = s;
   }
 
   // The cluster's sum over its CS slices of K: rank r adds up columns [r, r + 1) * kCols / CS of every
@@ -144,23 +207,40 @@ __global__ void __launch_bounds__(kThreads) gemv8_kernel(const int32_t* __restri
   constexpr int kOwn = kCols / CS;
   cg::cluster_group cluster = cg::this_cluster();
   cluster.sync();  // every rank's block_sum is complete
-  for (int i = tid; i < M * kOwn; i += kThreads) {
-    const int m = i / kOwn, c = rank * kOwn + i % kOwn;
+  for (int i = tid; i < kOwn; i += kThreads) {
+    const int c = rank * kOwn + i;
     float s = 0.0f;
 #pragma unroll
-    for (int r = 0; r < CS; ++r) s += cluster.map_shared_rank(&block_sum[0][0], r)[m * kCols + c];
+    for (int r = 0; r < CS; ++r) s += cluster_load(&block_sum[c], r);
     const int n = col0 + c;
-    y[size_t(m) * N + n] = __float2bfloat16_rn(s * scale[size_t(layer) * N + n]);
+    const float out = s * scale[size_t(layer) * N + n];
+    if constexpr (RES) {
+      y[n] = __float2bfloat16_rn(__bfloat162float(residual[n]) + round_bf16(out));  // residual + y, in bf16
+    } else {
+      y[n] = __float2bfloat16_rn(out);
+    }
   }
   cluster.sync();  // no block exits while another still reads its shared memory
 }
 
-template <int M, int TPR, int U, int CS, bool FP8>
-cudaError_t launch(cudaStream_t stream, const int32_t* layer, const __nv_bfloat16* x, const uint8_t* w,
-                   const float* scale, __nv_bfloat16* y, int K, int N) {
+struct Args {
+  const int32_t* layer;
+  const __nv_bfloat16* x;
+  const __nv_bfloat16* norm;
+  const uint8_t* w;
+  const float* scale;
+  const __nv_bfloat16* residual;
+  __nv_bfloat16* y;
+  int K, N;
+  float eps;
+};
+
+template <int TPR, int U, int CS, bool FP8, int PRO, bool RES>
+cudaError_t launch(cudaStream_t stream, const Args& a) {
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(N / (16 * TPR), CS, 1);
+  config.gridDim = dim3(a.N / (16 * TPR), CS, 1);
   config.blockDim = dim3(kThreads, 1, 1);
+  config.dynamicSmemBytes = Staged(PRO, RES) ? sizeof(float) * ((a.K + CS - 1) / CS) : 0;
   config.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -169,7 +249,8 @@ cudaError_t launch(cudaStream_t stream, const int32_t* layer, const __nv_bfloat1
   attr[0].val.clusterDim.z = 1;
   config.attrs = attr;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, gemv8_kernel<M, TPR, U, CS, FP8>, layer, x, w, scale, y, K, N);
+  return cudaLaunchKernelEx(&config, gemv8_kernel<TPR, U, CS, FP8, PRO, RES>, a.layer, a.x, a.norm, a.w, a.scale,
+                            a.residual, a.y, a.K, a.N, a.eps);
 }
 
 // The tilings built: (threads per row, loads in flight per thread, blocks per cluster). Keep in step with
@@ -177,57 +258,76 @@ cudaError_t launch(cudaStream_t stream, const int32_t* layer, const __nv_bfloat1
 #define JAXPIPE_GEMV8_TILINGS(X) \
   X(4, 1, 8)                     \
   X(4, 2, 8)                     \
-  X(8, 1, 8)                     \
   X(8, 2, 4)                     \
   X(16, 1, 8)                    \
   X(16, 2, 8)
 
-template <int M, bool FP8>
-cudaError_t dispatch_tiling(int tpr, int unroll, int split, cudaStream_t s, const int32_t* l,
-                            const __nv_bfloat16* x, const uint8_t* w, const float* sc, __nv_bfloat16* y, int K,
-                            int N) {
+template <bool FP8, int PRO, bool RES>
+cudaError_t dispatch_tiling(int tpr, int unroll, int split, cudaStream_t s, const Args& a) {
 #define JAXPIPE_GEMV8_CASE(T, UU, C) \
-  if (tpr == T && unroll == UU && split == C) return launch<M, T, UU, C, FP8>(s, l, x, w, sc, y, K, N);
+  if (tpr == T && unroll == UU && split == C) return launch<T, UU, C, FP8, PRO, RES>(s, a);
   JAXPIPE_GEMV8_TILINGS(JAXPIPE_GEMV8_CASE)
 #undef JAXPIPE_GEMV8_CASE
   return cudaErrorNotSupported;
 }
 
-ffi::Error Gemv8(cudaStream_t stream, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer w,
-                 ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::BF16> y, int32_t tpr, int32_t unroll,
-                 int32_t split) {
+// Checks the operands' shapes against the target's meaning and launches. x is [1, K] ([1, 2K] for swiglu),
+// w [L, K, N], scale [L, N], norm [L, K], residual and y [1, N].
+template <int PRO, bool RES>
+ffi::Error Run(cudaStream_t stream, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::BF16> x,
+               const ffi::Buffer<ffi::BF16>* norm, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
+               const ffi::Buffer<ffi::BF16>* residual, ffi::Result<ffi::Buffer<ffi::BF16>> y, int32_t tpr,
+               int32_t unroll, int32_t split, float eps) {
   const auto xd = x.dimensions(), wd = w.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || sd.size() != 2 || yd.size() != 2) {
     return ffi::Error::InvalidArgument("jaxpipe_gemv8: expected x[M, K], w[L, K, N], scale[L, N], y[M, N]");
   }
-  const int64_t m = xd[0], k = xd[1], layers = wd[0], n = wd[2];
-  if (wd[1] != k || sd[0] != layers || sd[1] != n || yd[0] != m || yd[1] != n) {
+  const int64_t m = xd[0], layers = wd[0], k = wd[1], n = wd[2];
+  const int64_t x_width = PRO == kSwiglu ? 2 * k : k;
+  if (xd[1] != x_width || sd[0] != layers || sd[1] != n || yd[0] != m || yd[1] != n) {
     return ffi::Error::InvalidArgument("jaxpipe_gemv8: shapes of x, w, scale and y do not match");
+  }
+  if (norm != nullptr) {
+    const auto nd = norm->dimensions();
+    if (nd.size() != 2 || nd[0] != layers || nd[1] != k) {
+      return ffi::Error::InvalidArgument("jaxpipe_gemv8: norm must be [L, K]");
+    }
+  }
+  if (residual != nullptr) {
+    const auto rd = residual->dimensions();
+    if (rd.size() != 2 || rd[0] != m || rd[1] != n) {
+      return ffi::Error::InvalidArgument("jaxpipe_gemv8: residual must be [M, N]");
+    }
   }
   const bool fp8 = w.element_type() == ffi::F8E4M3FN;
   if (!fp8 && w.element_type() != ffi::S8) {
     return ffi::Error::InvalidArgument("jaxpipe_gemv8: w must be int8 or float8_e4m3fn");
   }
-  // One row only: at 2-4 rows this kernel measured slower than the Pallas one (H200, 2026-12-03), so no
-  // more are built (the template takes any M <= 4).
+  // One row only: at 2-4 rows this kernel measured slower than the Pallas one (H200, 2026-12-03).
   if (m != 1) {
     return ffi::Error::InvalidArgument("jaxpipe_gemv8: built for one row, got M=" + std::to_string(m));
   }
-  if (tpr <= 0 || n % (16 * tpr) != 0 || k > INT32_MAX || n > INT32_MAX) {
-    return ffi::Error::InvalidArgument("jaxpipe_gemv8: N must be a multiple of 16 * tpr");
+  if (tpr <= 0 || split <= 0 || n % (16 * tpr) != 0 || k > INT32_MAX || n > INT32_MAX ||
+      (k + split - 1) / split > kMaxSlice) {
+    return ffi::Error::InvalidArgument("jaxpipe_gemv8: N must be a multiple of 16 * tpr and K / split at most " +
+                                       std::to_string(kMaxSlice));
   }
-  const auto* lp = layer.typed_data();
-  const auto* xp = reinterpret_cast<const __nv_bfloat16*>(x.untyped_data());
-  const auto* wp = reinterpret_cast<const uint8_t*>(w.untyped_data());
-  const auto* sp = scale.typed_data();
-  auto* yp = reinterpret_cast<__nv_bfloat16*>(y->untyped_data());
-  const cudaError_t err =
-      fp8 ? dispatch_tiling<1, true>(tpr, unroll, split, stream, lp, xp, wp, sp, yp, int(k), int(n))
-          : dispatch_tiling<1, false>(tpr, unroll, split, stream, lp, xp, wp, sp, yp, int(k), int(n));
+  Args a;
+  a.layer = layer.typed_data();
+  a.x = reinterpret_cast<const __nv_bfloat16*>(x.untyped_data());
+  a.norm = norm ? reinterpret_cast<const __nv_bfloat16*>(norm->untyped_data()) : nullptr;
+  a.w = reinterpret_cast<const uint8_t*>(w.untyped_data());
+  a.scale = scale.typed_data();
+  a.residual = residual ? reinterpret_cast<const __nv_bfloat16*>(residual->untyped_data()) : nullptr;
+  a.y = reinterpret_cast<__nv_bfloat16*>(y->untyped_data());
+  a.K = int(k);
+  a.N = int(n);
+  a.eps = eps;
+  const cudaError_t err = fp8 ? dispatch_tiling<true, PRO, RES>(tpr, unroll, split, stream, a)
+                              : dispatch_tiling<false, PRO, RES>(tpr, unroll, split, stream, a);
   if (err == cudaErrorNotSupported) {
-    return ffi::Error::InvalidArgument("jaxpipe_gemv8: no kernel for M=" + std::to_string(m) + ", tpr=" +
-                                       std::to_string(tpr) + ", unroll=" + std::to_string(unroll) +
-                                       ", split=" + std::to_string(split));
+    return ffi::Error::InvalidArgument("jaxpipe_gemv8: no kernel for tpr=" + std::to_string(tpr) + ", unroll=" +
+                                       std::to_string(unroll) + ", split=" + std::to_string(split));
   }
   if (err != cudaSuccess) {
     return ffi::Error::Internal(std::string("jaxpipe_gemv8: ") + cudaGetErrorString(err));
@@ -235,17 +335,83 @@ ffi::Error Gemv8(cudaStream_t stream, ffi::Buffer<ffi::S32> layer, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+ffi::Error Plain(cudaStream_t s, ffi::Buffer<ffi::S32> l, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer w,
+                 ffi::Buffer<ffi::F32> sc, ffi::Result<ffi::Buffer<ffi::BF16>> y, int32_t t, int32_t u, int32_t c) {
+  return Run<kPlain, false>(s, l, x, nullptr, w, sc, nullptr, y, t, u, c, 0.0f);
+}
+ffi::Error PlainRes(cudaStream_t s, ffi::Buffer<ffi::S32> l, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer w,
+                    ffi::Buffer<ffi::F32> sc, ffi::Buffer<ffi::BF16> r, ffi::Result<ffi::Buffer<ffi::BF16>> y,
+                    int32_t t, int32_t u, int32_t c) {
+  return Run<kPlain, true>(s, l, x, nullptr, w, sc, &r, y, t, u, c, 0.0f);
+}
+ffi::Error Norm(cudaStream_t s, ffi::Buffer<ffi::S32> l, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> nw,
+                ffi::AnyBuffer w, ffi::Buffer<ffi::F32> sc, ffi::Result<ffi::Buffer<ffi::BF16>> y, int32_t t,
+                int32_t u, int32_t c, float eps) {
+  return Run<kRmsNorm, false>(s, l, x, &nw, w, sc, nullptr, y, t, u, c, eps);
+}
+ffi::Error Swiglu(cudaStream_t s, ffi::Buffer<ffi::S32> l, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer w,
+                  ffi::Buffer<ffi::F32> sc, ffi::Result<ffi::Buffer<ffi::BF16>> y, int32_t t, int32_t u, int32_t c) {
+  return Run<kSwiglu, false>(s, l, x, nullptr, w, sc, nullptr, y, t, u, c, 0.0f);
+}
+ffi::Error SwigluRes(cudaStream_t s, ffi::Buffer<ffi::S32> l, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer w,
+                     ffi::Buffer<ffi::F32> sc, ffi::Buffer<ffi::BF16> r, ffi::Result<ffi::Buffer<ffi::BF16>> y,
+                     int32_t t, int32_t u, int32_t c) {
+  return Run<kSwiglu, true>(s, l, x, nullptr, w, sc, &r, y, t, u, c, 0.0f);
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpipeGemv8, Gemv8,
+#define JAXPIPE_GEMV8_ATTRS .Attr<int32_t>("tpr").Attr<int32_t>("unroll").Attr<int32_t>("split")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpipeGemv8, Plain,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>()
-                                  .Attr<int32_t>("tpr")
-                                  .Attr<int32_t>("unroll")
-                                  .Attr<int32_t>("split"),
+                                  .Ret<ffi::Buffer<ffi::BF16>>() JAXPIPE_GEMV8_ATTRS,
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpipeGemv8Res, PlainRes,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>() JAXPIPE_GEMV8_ATTRS,
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpipeGemv8Norm, Norm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>() JAXPIPE_GEMV8_ATTRS.Attr<float>("eps"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpipeGemv8Swiglu, Swiglu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>() JAXPIPE_GEMV8_ATTRS,
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpipeGemv8SwigluRes, SwigluRes,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>() JAXPIPE_GEMV8_ATTRS,
                               {ffi::Traits::kCmdBufferCompatible});

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from jaxpipe import nn
 from jaxpipe.kernels import cuda_gemv, out_struct
 from jaxpipe.quantize import kind_of
 
@@ -430,39 +431,68 @@ def xla_layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer)
     return (y * scale[layer]).astype(x.dtype)
 
 
-def layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer) -> jax.Array:
-    """``x[..., K] @ dequantize(w[layer])`` -> ``[..., N]`` in ``x.dtype``, float32 accumulation.
+def layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer, *, norm: jax.Array | None = None,
+                 eps: float = 0.0, swiglu: bool = False, residual: jax.Array | None = None) -> jax.Array:
+    """``h[..., K] @ dequantize(w[layer])`` -> ``[..., N]`` in ``x.dtype``, float32 accumulation.
 
     ``w[L, K, N]``: int8 or float8_e4m3fn with ``scale[L, N]`` float32 (per output channel) or
     ``scale[L, K // G, N]`` float16 / float32 (per group of G input rows, e.g. Q8_0's 32; the module
     docstring gives both meanings), or the activation dtype with ``scale=None`` (then exactly
-    ``x @ w[layer]``). ``layer``: int32 scalar, may be traced (a ``fori_loop`` index). Works on local shards
+    ``h @ w[layer]``). ``layer``: int32 scalar, may be traced (a ``fori_loop`` index). Works on local shards
     inside ``shard_map``: N split (scales split with their columns) or K split (per-channel scales
-    replicated; group-wise ones split on their group axis, so every shard keeps the group size G). On CUDA,
-    decode-sized rows run the Pallas kernel, or the CUDA GEMV of ``cuda_gemv`` where its ``tiling_for``
-    picks it and it is ``available()``; everything else runs plain XLA.
+    replicated; group-wise ones split on their group axis, so every shard keeps the group size G).
+
+    The input row ``h`` is ``x``; or, with ``norm`` (a ``[L, K]`` stack of RMSNorm weights),
+    ``jaxpipe.nn.rms_norm(x, norm[layer], eps)``; or, with ``swiglu``, ``jaxpipe.nn.swiglu(x)`` of
+    ``x[..., 2K] = gate | up``. With ``residual[..., N]`` the result is ``residual + (h @ W)``. Where the
+    CUDA GEMV runs and ``cuda_gemv.fuses`` the weights' kind, these ops are done inside its kernel;
+    everywhere else they are those same jnp ops around the matmul.
+
+    On CUDA, decode-sized rows run the Pallas kernel, or the CUDA GEMV of ``cuda_gemv`` where its
+    ``tiling_for`` picks it and it is ``available()``; everything else runs plain XLA.
     """
+    if norm is not None and swiglu:
+        raise ValueError("layer_matmul: norm= and swiglu=True are two different inputs; give one")
+
+    def composed(x, w, scale, layer, norm, residual, matmul):
+        h = nn.rms_norm(x, norm[layer], eps) if norm is not None else nn.swiglu(x) if swiglu else x
+        y = matmul(h, w, scale, layer)
+        return y if residual is None else residual + y
+
     if scale is None:
-        return xla_layer_matmul(x, w, None, layer)
+        return composed(x, w, None, layer, norm, residual, xla_layer_matmul)
     if kind_of(w.dtype) is None:
         raise ValueError(f"layer_matmul: a scale was given but w is {w.dtype}, not int8 or float8_e4m3fn")
     group = group_size_of(w, scale)
-    m, k, n = math.prod(x.shape[:-1]), x.shape[-1], w.shape[-1]
+    m, k, n = math.prod(x.shape[:-1]), w.shape[1], w.shape[-1]
     cfg = config_for(m, k, n, w.dtype, paired=needs_pairs(w), group=group) if plgpu is not None else None
     tiling = cuda_gemv.tiling_for(m, k, n, w.dtype) if group is None and x.dtype == jnp.bfloat16 else None
     if cfg is None and tiling is None:
-        return xla_layer_matmul(x, w, scale, layer)
+        return composed(x, w, scale, layer, norm, residual, xla_layer_matmul)
+    # The CUDA kernel does the ops around the matmul too where that measured faster (cuda_gemv.fuses); its
+    # norm weights and residual are bf16.
+    fused = cuda_gemv.fuses(w.dtype) and (norm is None or norm.dtype == jnp.bfloat16)
+    if residual is not None:
+        fused = fused and residual.dtype == jnp.bfloat16 and residual.shape == (*x.shape[:-1], n)
 
-    def on_cuda(x, w, scale, layer):
+    def on_cuda(x, w, scale, layer, norm, residual):
         # Traced as platform_dependent's CUDA branch only; available() builds the CUDA kernel on first use
         # (False without nvcc, or with JAXPIPE_CUDA_KERNELS=0).
         if tiling is not None and cuda_gemv.available():
-            return cuda_gemv.gemv8(x, w, scale, layer, tiling=tiling)
+            if fused:
+                return cuda_gemv.gemv8(x, w, scale, layer, tiling=tiling, norm=norm, eps=eps, swiglu=swiglu,
+                                       residual=residual)
+            return composed(x, w, scale, layer, norm, residual,
+                            lambda h, w, scale, layer: cuda_gemv.gemv8(h, w, scale, layer, tiling=tiling))
         if cfg is None:
-            return xla_layer_matmul(x, w, scale, layer)
-        return quant_matmul_pallas(x, w, scale, layer, cfg)
+            return composed(x, w, scale, layer, norm, residual, xla_layer_matmul)
+        return composed(x, w, scale, layer, norm, residual,
+                        lambda h, w, scale, layer: quant_matmul_pallas(h, w, scale, layer, cfg))
 
-    return jax.lax.platform_dependent(x, w, scale, layer, cuda=on_cuda, default=xla_layer_matmul)
+    def default(x, w, scale, layer, norm, residual):
+        return composed(x, w, scale, layer, norm, residual, xla_layer_matmul)
+
+    return jax.lax.platform_dependent(x, w, scale, layer, norm, residual, cuda=on_cuda, default=default)
 
 
 __all__ = ["GemmConfig", "MAX_KERNEL_ROWS", "config_for", "dequantize_groups", "group_size_of", "layer_matmul",
