@@ -16,10 +16,10 @@
 //
 // Layout of the work: a block owns a strip of 16 * TPR columns and one of CS slices of K; TPR threads
 // cover a row of the strip (16 bytes each, so 64-256 contiguous bytes per row), and each thread keeps U
-// loads in flight and the next U loads issued while it converts the current ones. The block first stages
-// its slice of h in shared memory (float32; the norm's sum of squares is over all of x, which every block
-// reads: 8 KB from L2 at Llama-2-7B's width), with its first weight loads already in flight. The CS
-// blocks of a strip form one thread-block cluster: each sums its slice (warp shuffles, then its 8 warps
+// loads in flight. The fused targets first stage the block's slice of h in shared memory (float32; the
+// norm's sum of squares is over all of x, which every block reads: 8 KB from L2 at Llama-2-7B's width);
+// the plain one reads x in its loop. (Issuing the first weight loads before the staging measured slower,
+// 2026-12-04: more registers.) The CS blocks of a strip form one thread-block cluster: each sums its slice (warp shuffles, then its 8 warps
 // through shared memory), and the cluster adds the CS partial sums through distributed shared memory, in
 // rank order. So split-K needs no float32 partials in global memory, no second kernel and no atomics, and
 // the result does not depend on scheduling.
