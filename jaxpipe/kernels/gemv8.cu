@@ -335,83 +335,47 @@ ffi::Error Run(cudaStream_t stream, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
-ffi::Error Plain(cudaStream_t s, ffi::Buffer<ffi::S32> l, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer w,
-                 ffi::Buffer<ffi::F32> sc, ffi::Result<ffi::Buffer<ffi::BF16>> y, int32_t t, int32_t u, int32_t c) {
-  return Run<kPlain, false>(s, l, x, nullptr, w, sc, nullptr, y, t, u, c, 0.0f);
+// The targets' entry points: the input row's prologue PRO, without or with a residual.
+template <int PRO>
+ffi::Error NoResidual(cudaStream_t s, ffi::Buffer<ffi::S32> l, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer w,
+                      ffi::Buffer<ffi::F32> sc, ffi::Result<ffi::Buffer<ffi::BF16>> y, int32_t t, int32_t u,
+                      int32_t c) {
+  return Run<PRO, false>(s, l, x, nullptr, w, sc, nullptr, y, t, u, c, 0.0f);
 }
-ffi::Error PlainRes(cudaStream_t s, ffi::Buffer<ffi::S32> l, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer w,
-                    ffi::Buffer<ffi::F32> sc, ffi::Buffer<ffi::BF16> r, ffi::Result<ffi::Buffer<ffi::BF16>> y,
-                    int32_t t, int32_t u, int32_t c) {
-  return Run<kPlain, true>(s, l, x, nullptr, w, sc, &r, y, t, u, c, 0.0f);
+template <int PRO>
+ffi::Error WithResidual(cudaStream_t s, ffi::Buffer<ffi::S32> l, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer w,
+                        ffi::Buffer<ffi::F32> sc, ffi::Buffer<ffi::BF16> r, ffi::Result<ffi::Buffer<ffi::BF16>> y,
+                        int32_t t, int32_t u, int32_t c) {
+  return Run<PRO, true>(s, l, x, nullptr, w, sc, &r, y, t, u, c, 0.0f);
 }
 ffi::Error Norm(cudaStream_t s, ffi::Buffer<ffi::S32> l, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> nw,
                 ffi::AnyBuffer w, ffi::Buffer<ffi::F32> sc, ffi::Result<ffi::Buffer<ffi::BF16>> y, int32_t t,
                 int32_t u, int32_t c, float eps) {
   return Run<kRmsNorm, false>(s, l, x, &nw, w, sc, nullptr, y, t, u, c, eps);
 }
-ffi::Error Swiglu(cudaStream_t s, ffi::Buffer<ffi::S32> l, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer w,
-                  ffi::Buffer<ffi::F32> sc, ffi::Result<ffi::Buffer<ffi::BF16>> y, int32_t t, int32_t u, int32_t c) {
-  return Run<kSwiglu, false>(s, l, x, nullptr, w, sc, nullptr, y, t, u, c, 0.0f);
-}
-ffi::Error SwigluRes(cudaStream_t s, ffi::Buffer<ffi::S32> l, ffi::Buffer<ffi::BF16> x, ffi::AnyBuffer w,
-                     ffi::Buffer<ffi::F32> sc, ffi::Buffer<ffi::BF16> r, ffi::Result<ffi::Buffer<ffi::BF16>> y,
-                     int32_t t, int32_t u, int32_t c) {
-  return Run<kSwiglu, true>(s, l, x, nullptr, w, sc, &r, y, t, u, c, 0.0f);
-}
 
 }  // namespace
 
-#define JAXPIPE_GEMV8_ATTRS .Attr<int32_t>("tpr").Attr<int32_t>("unroll").Attr<int32_t>("split")
+// The bindings' pieces: stream, layer and row first; then [norm,] w, scale; [residual]; then y and the tiling.
+#define JAXPIPE_GEMV8_HEAD                                                                       \
+  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::BF16>>()
+#define JAXPIPE_GEMV8_WEIGHTS .Arg<ffi::AnyBuffer>().Arg<ffi::Buffer<ffi::F32>>()
+#define JAXPIPE_GEMV8_RESIDUAL .Arg<ffi::Buffer<ffi::BF16>>()
+#define JAXPIPE_GEMV8_TAIL \
+  .Ret<ffi::Buffer<ffi::BF16>>().Attr<int32_t>("tpr").Attr<int32_t>("unroll").Attr<int32_t>("split")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpipeGemv8, Plain,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>() JAXPIPE_GEMV8_ATTRS,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpipeGemv8, NoResidual<kPlain>, JAXPIPE_GEMV8_HEAD JAXPIPE_GEMV8_WEIGHTS JAXPIPE_GEMV8_TAIL,
                               {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpipeGemv8Res, PlainRes,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>() JAXPIPE_GEMV8_ATTRS,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpipeGemv8Res, WithResidual<kPlain>,
+                              JAXPIPE_GEMV8_HEAD JAXPIPE_GEMV8_WEIGHTS JAXPIPE_GEMV8_RESIDUAL JAXPIPE_GEMV8_TAIL,
                               {ffi::Traits::kCmdBufferCompatible});
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpipeGemv8Norm, Norm,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>() JAXPIPE_GEMV8_ATTRS.Attr<float>("eps"),
+                              JAXPIPE_GEMV8_HEAD.Arg<ffi::Buffer<ffi::BF16>>() JAXPIPE_GEMV8_WEIGHTS
+                                  JAXPIPE_GEMV8_TAIL.Attr<float>("eps"),
                               {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpipeGemv8Swiglu, Swiglu,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>() JAXPIPE_GEMV8_ATTRS,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpipeGemv8Swiglu, NoResidual<kSwiglu>,
+                              JAXPIPE_GEMV8_HEAD JAXPIPE_GEMV8_WEIGHTS JAXPIPE_GEMV8_TAIL,
                               {ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpipeGemv8SwigluRes, SwigluRes,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>() JAXPIPE_GEMV8_ATTRS,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxpipeGemv8SwigluRes, WithResidual<kSwiglu>,
+                              JAXPIPE_GEMV8_HEAD JAXPIPE_GEMV8_WEIGHTS JAXPIPE_GEMV8_RESIDUAL JAXPIPE_GEMV8_TAIL,
                               {ffi::Traits::kCmdBufferCompatible});

@@ -482,16 +482,14 @@ def layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer, *, 
             if fused:
                 return cuda_gemv.gemv8(x, w, scale, layer, tiling=tiling, norm=norm, eps=eps, swiglu=swiglu,
                                        residual=residual)
-            return composed(x, w, scale, layer, norm, residual,
-                            lambda h, w, scale, layer: cuda_gemv.gemv8(h, w, scale, layer, tiling=tiling))
-        if cfg is None:
-            return composed(x, w, scale, layer, norm, residual, xla_layer_matmul)
-        return composed(x, w, scale, layer, norm, residual,
-                        lambda h, w, scale, layer: quant_matmul_pallas(h, w, scale, layer, cfg))
+            matmul = functools.partial(cuda_gemv.gemv8, tiling=tiling)
+        elif cfg is not None:
+            matmul = functools.partial(quant_matmul_pallas, cfg=cfg)
+        else:
+            matmul = xla_layer_matmul
+        return composed(x, w, scale, layer, norm, residual, matmul)
 
-    def default(x, w, scale, layer, norm, residual):
-        return composed(x, w, scale, layer, norm, residual, xla_layer_matmul)
-
+    default = functools.partial(composed, matmul=xla_layer_matmul)
     return jax.lax.platform_dependent(x, w, scale, layer, norm, residual, cuda=on_cuda, default=default)
 
 
