@@ -1,7 +1,8 @@
 """The CUDA 8-bit GEMV's host side: when it applies, how it is built and cached, and that CPUs never use it.
 
-The kernel itself runs only on CUDA GPUs (`tools/bench_quant_gemm.py --cuda` checks it there against a float32
-reference, every tiling); here nvcc, where the machine has it, compiles the shipped source for sm_90.
+The kernels themselves run only on CUDA GPUs (`tools/check_cuda_gemv.py` checks the GEMV there, every
+variant, and `tools/bench_cuda_gemm.py` the tensor-core kernel, every tiling, against float64 NumPy); here nvcc,
+where the machine has it, compiles the shipped sources for sm_90.
 """
 
 from __future__ import annotations
@@ -40,6 +41,43 @@ def test_tiling_rules():
         for dtype in (jnp.int8, fp8):
             tiling = cuda_gemv.tiling_for(m, k, n, dtype)
             assert tiling is None and dtype == fp8 or tiling in cuda_gemv.TILINGS and n % (16 * tiling[0]) == 0
+
+
+def test_gemm_tiling_rules():
+    # 2-32 rows of a gate|up-wide matmul: the tensor-core kernel, one m-tile of 16 rows up to 16 rows, two up
+    # to 32 (the H200 sweep's choices); elsewhere Pallas, which measured faster.
+    fp8 = jnp.float8_e4m3fn
+    assert cuda_gemv.gemm_tiling_for(32, 4096, 22016) == (2, 8, 128, 4, 2)  # gate|up
+    assert cuda_gemv.gemm_tiling_for(17, 4096, 22016, fp8) == (2, 8, 128, 4, 2)
+    assert cuda_gemv.gemm_tiling_for(16, 4096, 22016) == (1, 8, 128, 4, 2)
+    assert cuda_gemv.gemm_tiling_for(2, 8192, 57344, fp8) == (1, 8, 128, 4, 2)  # Llama-2-70B's gate|up
+    for m, k, n in [(32, 4096, 4096), (32, 4096, 12288), (32, 11008, 4096), (64, 4096, 22016), (33, 4096, 22016),
+                    (1, 4096, 22016), (32, 4096, 16384 + 64), (32, 4096 + 128, 22016)]:
+        assert cuda_gemv.gemm_tiling_for(m, k, n) is None, (m, k, n)  # Pallas, or no fit
+    assert cuda_gemv.gemm_tiling_for(32, 4096, 22016, jnp.bfloat16) is None
+    for m in range(2, 33):
+        for k, n in [(4096, 22016), (8192, 57344), (5120, 27648), (2048, 16384)]:
+            t = cuda_gemv.gemm_tiling_for(m, k, n)
+            assert t is not None and t[:4] in cuda_gemv.GEMM_TILINGS
+            mt, nt, bk, _, split = t
+            assert 16 * mt >= m and n % (16 * nt) == 0 and k % (split * bk) == 0 and 1 <= split <= 8
+
+
+def test_gemm_shapes_and_bad_tiling():
+    x = jax.ShapeDtypeStruct((4, 8, 256), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((3, 256, 128), jnp.int8)
+    s = jax.ShapeDtypeStruct((3, 128), jnp.float32)
+    y = jax.eval_shape(lambda x, w, s: cuda_gemv.gemm8(x, w, s, jnp.int32(2), tiling=(2, 8, 64, 8, 4)), x, w, s)
+    assert (y.shape, y.dtype) == ((4, 8, 128), jnp.bfloat16)
+    r = jax.ShapeDtypeStruct((4, 8, 128), jnp.bfloat16)  # the residual epilogue: same result shape
+    y = jax.eval_shape(lambda x, w, s, r: cuda_gemv.gemm8(x, w, s, 1, tiling=(2, 8, 64, 8, 1), residual=r), x, w, s, r)
+    assert (y.shape, y.dtype) == ((4, 8, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"no kernel for tiling \(3, 8, 64, 8, 1\)"):
+        jax.eval_shape(lambda x, w, s: cuda_gemv.gemm8(x, w, s, 0, tiling=(3, 8, 64, 8, 1)), x, w, s)
+    with pytest.raises(ValueError, match=r"does not fit \[32, 256\] @ \[256, 128\]"):  # 32 rows, one m-tile
+        jax.eval_shape(lambda x, w, s: cuda_gemv.gemm8(x, w, s, 0, tiling=(1, 8, 64, 8, 1)), x, w, s)
+    with pytest.raises(ValueError, match="does not fit"):  # K = 256 is not 8 slices of 64 rows
+        jax.eval_shape(lambda x, w, s: cuda_gemv.gemm8(x, w, s, 0, tiling=(2, 8, 64, 8, 8)), x, w, s)
 
 
 def test_shapes_and_bad_tiling():
@@ -118,6 +156,14 @@ def test_cpu_never_builds_or_uses_it(monkeypatch):
         got = jax.jit(qm.layer_matmul)(x, w, s, jnp.int32(1))
         want = jax.jit(qm.xla_layer_matmul)(x, w, s, jnp.int32(1))
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    # ... and at a shape and row count the tensor-core kernel would take on a GPU.
+    w = jnp.asarray(rng.integers(-127, 128, (2, 256, 16384)), jnp.int8)
+    s = jnp.asarray(rng.uniform(0.5, 1.5, (2, 16384)) / 127, jnp.float32)
+    assert cuda_gemv.gemm_tiling_for(20, 256, 16384) is not None
+    x = jnp.asarray(rng.standard_normal((20, 256)), jnp.bfloat16)
+    got = jax.jit(qm.layer_matmul)(x, w, s, jnp.int32(1))
+    want = jax.jit(qm.xla_layer_matmul)(x, w, s, jnp.int32(1))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 def test_disabled_by_environment(monkeypatch):
@@ -139,7 +185,8 @@ def test_nvcc_builds_the_source_once(tmp_path, monkeypatch):
     lib = cuda_gemv.build("sm_90")
     assert lib.parent == tmp_path / "kernels" and lib.name.endswith("-sm_90.so")
     assert sorted(p.name for p in lib.parent.iterdir()) == [lib.name]  # no temporary file left behind
-    assert ctypes.cdll.LoadLibrary(str(lib)).JaxpipeGemv8  # the FFI handler's symbol
+    handle = ctypes.cdll.LoadLibrary(str(lib))
+    assert handle.JaxpipeGemv8 and handle.JaxpipeGemm8  # the FFI handlers' symbols, both sources
     mtime = os.stat(lib).st_mtime_ns
     assert cuda_gemv.build("sm_90") == lib and os.stat(lib).st_mtime_ns == mtime  # cached: not rebuilt
 

@@ -1,4 +1,4 @@
-"""The CUDA decode GEMV for 8-bit weights (``gemv8.cu``), compiled with nvcc on first use.
+"""The CUDA decode kernels for 8-bit weights (``gemv8.cu``, ``gemm8.cu``), compiled with nvcc on first use.
 
 ``gemv8(x, w, scale, layer)`` is ``layer_matmul``'s meaning for per-channel int8 / float8_e4m3fn stacks
 at one bf16 row: ``y = bf16((x @ q[layer]) * scale[layer])``, float32 sums. It is an XLA FFI
@@ -8,17 +8,22 @@ the same kernel (``norm=``: the RMSNorm before the matmul; ``swiglu=True``: silu
 ``residual=``: the residual add after it), so that a Llama layer's decode step at one row is its four GEMVs
 and its attention kernel, not ~14 launches (BENCHMARKS.md, 2026-12-04).
 
+``gemm8(x, w, scale, layer)`` is the same meaning at 2-32 rows on tensor cores (``mma.sync`` with the 8-bit
+weights converted to bf16 in registers after a cp.async pipeline through shared memory); ``layer_matmul``
+takes it where ``gemm_tiling_for`` says it measured faster than the Pallas kernel (BENCHMARKS.md, 2026-12-06).
+
 Building: the first CUDA lowering that wants it runs ``nvcc`` (``$CUDA_HOME/bin/nvcc`` or the PATH) on
-the shipped source for the GPU's own architecture and caches the library under
-``$JAXPIPE_CACHE/kernels`` (default ``~/.cache/jaxpipe``), keyed by the source, the flags and the FFI
+the shipped sources (one library) for the GPU's own architecture and caches the library under
+``$JAXPIPE_CACHE/kernels`` (default ``~/.cache/jaxpipe``), keyed by the sources, the flags and the FFI
 headers, written to a temporary name and renamed into place (a concurrent build never leaves a
-half-written file); about 20 s, once per source version and GPU architecture.
+half-written file); 17 s on a 16-core host (30 s on 2 cores), once per source version and GPU architecture.
 
 On by default where it can be (``JAXPIPE_CUDA_KERNELS`` unset or ``auto``): a CUDA GPU and an nvcc. Off
 with ``JAXPIPE_CUDA_KERNELS=0``; ``=1`` also warns when there is no nvcc. At one row it takes the
 Llama decode matmuls ``tiling_for`` names (BENCHMARKS.md, 2026-12-03 and -04), with their neighbouring ops
-where ``fuses`` says so; at more rows, and wherever it is unavailable or its build fails (one warning),
-``layer_matmul`` runs its Pallas kernel.
+where ``fuses`` says so; at 2-32 rows the gate|up-wide matmuls ``gemm_tiling_for`` names; elsewhere, and
+wherever the kernels are unavailable or their build fails (one warning), ``layer_matmul`` runs its Pallas
+kernel.
 """
 
 from __future__ import annotations
@@ -42,17 +47,28 @@ from jaxpipe import paths
 from jaxpipe.kernels import out_struct
 
 SOURCE = Path(__file__).with_name("gemv8.cu")
+GEMM_SOURCE = Path(__file__).with_name("gemm8.cu")  # the tensor-core kernel for 2-32 rows, same library
 TARGET = "jaxpipe_gemv8"
+GEMM_TARGET = "jaxpipe_gemm8"
 # FFI target name -> the library's handler symbol, one per (input, residual) variant (gemv8.cu's header).
 _TARGETS = {"jaxpipe_gemv8": "JaxpipeGemv8", "jaxpipe_gemv8_res": "JaxpipeGemv8Res",
             "jaxpipe_gemv8_norm": "JaxpipeGemv8Norm", "jaxpipe_gemv8_swiglu": "JaxpipeGemv8Swiglu",
-            "jaxpipe_gemv8_swiglu_res": "JaxpipeGemv8SwigluRes"}
+            "jaxpipe_gemv8_swiglu_res": "JaxpipeGemv8SwigluRes", GEMM_TARGET: "JaxpipeGemm8",
+            GEMM_TARGET + "_res": "JaxpipeGemm8Res"}
 MAX_ROWS = 1  # rows built: at 2-4 the kernel measured slower than the Pallas one (H200, 2026-12-03)
 MAX_SLICE = 8192  # rows of K one block stages in shared memory (gemv8.cu's kMaxSlice)
 # (tpr, unroll, split) built in gemv8.cu (JAXPIPE_GEMV8_TILINGS): threads per weight row (16 columns
 # each), 16-byte loads in flight per thread, blocks per cluster (slices of K).
 TILINGS = ((4, 1, 8), (4, 2, 8), (8, 2, 4), (16, 1, 8), (16, 2, 8))
-_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-diag-suppress", "940,2473")
+# (mt, nt, bk, stages) built in gemm8.cu (JAXPIPE_GEMM8_TILINGS): m-tiles of 16 rows, n-tiles of 8 columns a
+# warp (a block owns 16 * nt columns), weight rows a pipeline stage, stages in flight. The split of K (blocks
+# a cluster, 1-8) is a launch parameter. The first two are gemm_tiling_for's; the deeper pipelines are built
+# for tools/bench_cuda_gemm.py and not measured yet. (Four m-tiles, for 33-64 rows, measured slower than
+# Pallas at every shape: not built.)
+GEMM_TILINGS = ((1, 8, 128, 4), (2, 8, 128, 4), (1, 8, 64, 8), (2, 8, 64, 8), (2, 8, 128, 6))
+GEMM_MAX_ROWS = 32
+# "-t 0": nvcc compiles the two sources in parallel.
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-diag-suppress", "940,2473", "-t", "0")
 
 
 def find_nvcc() -> str | None:
@@ -79,7 +95,8 @@ def build(arch: str, nvcc: str | None = None) -> Path:
         raise RuntimeError("nvcc not found (set CUDA_HOME, or put nvcc on the PATH)")
     include = jax.ffi.include_dir()
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
+    for source in (SOURCE, GEMM_SOURCE):
+        key.update(source.read_bytes())
     key.update(" ".join(_FLAGS + (arch,)).encode())
     key.update(Path(include, "xla", "ffi", "api", "ffi.h").read_bytes())
     out = cache_dir() / f"gemv8-{key.hexdigest()[:16]}-{arch}.so"
@@ -89,7 +106,7 @@ def build(arch: str, nvcc: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [nvcc, *_FLAGS, f"-arch={arch}", f"-I{include}", str(SOURCE), "-o", tmp]
+        cmd = [nvcc, *_FLAGS, f"-arch={arch}", f"-I{include}", str(SOURCE), str(GEMM_SOURCE), "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
@@ -210,5 +227,50 @@ def gemv8(x: jax.Array, w: jax.Array, scale: jax.Array, layer, *, tiling: tuple[
     return y.reshape(*lead, n)
 
 
-__all__ = ["MAX_ROWS", "MAX_SLICE", "TILINGS", "available", "build", "cache_dir", "find_nvcc", "fuses", "gemv8",
-           "tiling_for"]
+def gemm_tiling_for(m: int, k: int, n: int, dtype=jnp.int8) -> tuple[int, int, int, int, int] | None:
+    """``(mt, nt, bk, stages, split)`` of the tensor-core kernel for ``m`` rows of ``[m, k] @ [k, n]`` with
+    ``dtype`` weights, or None where ``layer_matmul`` keeps the Pallas kernel. A block owns ``16 * nt``
+    columns and ``k / split`` rows (``split`` blocks a cluster), ``bk`` rows a pipeline stage, ``stages`` of
+    them in flight.
+
+    Only where it measured faster (H200, BENCHMARKS.md 2026-12-06, ms per 32 layers): gate|up-wide matmuls
+    (``n >= 16384``) at 2-32 rows, (mt, 8, 128, 4) split 2: 16 rows int8 1.57 against Pallas's 1.96, fp8 1.40
+    against 1.79; 32 rows int8 2.06 against 2.25, fp8 1.96 against 2.17. At qkv, o and down shapes, and at
+    64 rows, it was slower than Pallas (o and down 1.5-1.8x: their 32 column blocks of 128 leave each block
+    too few bytes in flight), so those stay with Pallas.
+    """
+    kind = jnp.dtype(dtype)
+    if not 2 <= m <= GEMM_MAX_ROWS or kind not in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn)) or n < 16384:
+        return None
+    tiling = (1 if m <= 16 else 2, 8, 128, 4, 2)
+    return tiling if n % 128 == 0 and k % 256 == 0 else None
+
+
+def gemm8(x: jax.Array, w: jax.Array, scale: jax.Array, layer, *, tiling: tuple[int, int, int, int, int],
+          residual: jax.Array | None = None, rotate: bool = False) -> jax.Array:
+    """``x @ q[layer] * scale[layer]`` -> ``[..., N]`` bf16 for 1-32 bf16 rows on tensor cores (``w[L, K, N]``
+    int8 / float8_e4m3fn, ``scale[L, N]`` float32): ``layer_matmul``'s meaning, float32 sums; with
+    ``residual[..., N]`` (bf16) ``residual + y``, rounded as the two ops round. ``tiling``: ``(mt, nt, bk,
+    stages, split)`` with ``(mt, nt, bk, stages)`` one of ``GEMM_TILINGS`` (``gemm_tiling_for`` picks one).
+    ``rotate``: each block walks its rows of K from a different stage on (its column block's index), so that
+    the blocks do not all read the same rows of x at once. CUDA only: call it where ``available()`` is True."""
+    mt, nt, bk, stages, split = tiling
+    if (mt, nt, bk, stages) not in GEMM_TILINGS or not 1 <= split <= 8:
+        raise ValueError(f"gemm8: no kernel for tiling {tiling}; built: {GEMM_TILINGS}, split 1-8")
+    lead, k, n = x.shape[:-1], w.shape[1], w.shape[-1]
+    m = math.prod(lead)
+    if not 1 <= m <= 16 * mt or n % (16 * nt) or k % (split * bk):
+        raise ValueError(f"gemm8: tiling {tiling} does not fit [{m}, {k}] @ [{k}, {n}]")
+    x2 = x.reshape(m, k)
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    operands = [layer, x2, w, scale] + ([residual.reshape(m, n)] if residual is not None else [])
+    out = out_struct((m, n), jnp.bfloat16, *operands)
+    attrs = dict(mt=np.int32(mt), nt=np.int32(nt), bk=np.int32(bk), stages=np.int32(stages),
+                 split=np.int32(split), rotate=np.int32(rotate))
+    target = GEMM_TARGET + ("_res" if residual is not None else "")
+    y = jax.ffi.ffi_call(target, out)(*operands, **attrs)
+    return y.reshape(*lead, n)
+
+
+__all__ = ["GEMM_MAX_ROWS", "GEMM_TILINGS", "MAX_ROWS", "MAX_SLICE", "TILINGS", "available", "build", "cache_dir",
+           "find_nvcc", "fuses", "gemm8", "gemm_tiling_for", "gemv8", "tiling_for"]

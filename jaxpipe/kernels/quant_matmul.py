@@ -448,8 +448,9 @@ def layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer, *, 
     CUDA GEMV runs and ``cuda_gemv.fuses`` the weights' kind, these ops are done inside its kernel;
     everywhere else they are those same jnp ops around the matmul.
 
-    On CUDA, decode-sized rows run the Pallas kernel, or the CUDA GEMV of ``cuda_gemv`` where its
-    ``tiling_for`` picks it and it is ``available()``; everything else runs plain XLA.
+    On CUDA, decode-sized rows run the Pallas kernel, or ``cuda_gemv``'s CUDA kernels where they are
+    ``available()`` and measured faster: the GEMV at one row (``tiling_for``), the tensor-core kernel at 2-32
+    rows (``gemm_tiling_for``); everything else runs plain XLA.
     """
     if norm is not None and swiglu:
         raise ValueError("layer_matmul: norm= and swiglu=True are two different inputs; give one")
@@ -466,14 +467,17 @@ def layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer, *, 
     group = group_size_of(w, scale)
     m, k, n = math.prod(x.shape[:-1]), w.shape[1], w.shape[-1]
     cfg = config_for(m, k, n, w.dtype, paired=needs_pairs(w), group=group) if plgpu is not None else None
-    tiling = cuda_gemv.tiling_for(m, k, n, w.dtype) if group is None and x.dtype == jnp.bfloat16 else None
-    if cfg is None and tiling is None:
+    cuda_ok = group is None and x.dtype == jnp.bfloat16  # the CUDA kernels: per-channel scales, bf16 rows
+    tiling = cuda_gemv.tiling_for(m, k, n, w.dtype) if cuda_ok else None
+    gemm = cuda_gemv.gemm_tiling_for(m, k, n, w.dtype) if cuda_ok and tiling is None else None
+    if cfg is None and tiling is None and gemm is None:
         return composed(x, w, scale, layer, norm, residual, xla_layer_matmul)
     # The CUDA kernel does the ops around the matmul too where that measured faster (cuda_gemv.fuses); its
     # norm weights and residual are bf16.
+    residual_fits = residual is not None and residual.dtype == jnp.bfloat16 and residual.shape == (*x.shape[:-1], n)
     fused = cuda_gemv.fuses(w.dtype) and (norm is None or norm.dtype == jnp.bfloat16)
     if residual is not None:
-        fused = fused and residual.dtype == jnp.bfloat16 and residual.shape == (*x.shape[:-1], n)
+        fused = fused and residual_fits
 
     def on_cuda(x, w, scale, layer, norm, residual):
         # Traced as platform_dependent's CUDA branch only; available() builds the CUDA kernel on first use
@@ -483,6 +487,10 @@ def layer_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, layer, *, 
                 return cuda_gemv.gemv8(x, w, scale, layer, tiling=tiling, norm=norm, eps=eps, swiglu=swiglu,
                                        residual=residual)
             matmul = functools.partial(cuda_gemv.gemv8, tiling=tiling)
+        elif gemm is not None and cuda_gemv.available():
+            # The residual add in the kernel's epilogue; a norm or activation before it stays XLA's.
+            matmul = functools.partial(cuda_gemv.gemm8, tiling=gemm, residual=residual if residual_fits else None)
+            return composed(x, w, scale, layer, norm, None if residual_fits else residual, matmul)
         elif cfg is not None:
             matmul = functools.partial(quant_matmul_pallas, cfg=cfg)
         else:
