@@ -48,6 +48,7 @@ from jaxpipe.kernels import out_struct
 
 SOURCE = Path(__file__).with_name("gemv8.cu")
 GEMM_SOURCE = Path(__file__).with_name("gemm8.cu")  # the tensor-core kernel for 2-32 rows, same library
+HEADERS = (Path(__file__).with_name("cluster.cuh"),)  # included by both sources
 TARGET = "jaxpipe_gemv8"
 GEMM_TARGET = "jaxpipe_gemm8"
 # FFI target name -> the library's handler symbol, one per (input, residual) variant (gemv8.cu's header).
@@ -95,7 +96,7 @@ def build(arch: str, nvcc: str | None = None) -> Path:
         raise RuntimeError("nvcc not found (set CUDA_HOME, or put nvcc on the PATH)")
     include = jax.ffi.include_dir()
     key = hashlib.sha256()
-    for source in (SOURCE, GEMM_SOURCE):
+    for source in (SOURCE, GEMM_SOURCE, *HEADERS):
         key.update(source.read_bytes())
     key.update(" ".join(_FLAGS + (arch,)).encode())
     key.update(Path(include, "xla", "ffi", "api", "ffi.h").read_bytes())

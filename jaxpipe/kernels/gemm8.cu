@@ -38,6 +38,8 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#include "cluster.cuh"
+
 namespace cg = cooperative_groups;
 namespace ffi = xla::ffi;
 
@@ -95,15 +97,7 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Another cluster rank's float at the same shared-memory offset as p (see gemv8.cu's cluster_load).
-__device__ __forceinline__ float cluster_load(const float* p, int rank) {
-  const uint32_t local = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  uint32_t remote;
-  float v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
-  return v;
-}
+using jaxpipe_cuda::cluster_load;
 
 // Shared memory of a block: S stages of [BK, BN] weight bytes and [16 MT, BK] bf16 rows of x, reused at the
 // end for the kWarpsK partial sums (float32, in fragment order).

@@ -35,6 +35,8 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#include "cluster.cuh"
+
 namespace cg = cooperative_groups;
 namespace ffi = xla::ffi;
 
@@ -72,16 +74,7 @@ __device__ __forceinline__ void fp8x4_to_float(uint32_t word, float out[4]) {
 }
 
 
-// Another cluster rank's float at the same shared-memory offset as p. Volatile asm, so that nvcc does not hoist
-// the ranks' addresses (mapa) above the main loop, where 8 live 64-bit addresses cost 16-24 registers.
-__device__ __forceinline__ float cluster_load(const float* p, int rank) {
-  const uint32_t local = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  uint32_t remote;
-  float v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
-  return v;
-}
+using jaxpipe_cuda::cluster_load;
 
 __device__ __forceinline__ float round_bf16(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
