@@ -237,7 +237,7 @@ def gemm_tiling_for(m: int, k: int, n: int, dtype=jnp.int8) -> tuple[int, int, i
     Only where it measured faster (H200, BENCHMARKS.md 2026-12-06, ms per 32 layers): gate|up-wide matmuls
     (``n >= 16384``) at 2-32 rows, (mt, 8, 128, 4) split 2: 16 rows int8 1.57 against Pallas's 1.96, fp8 1.40
     against 1.79; 32 rows int8 2.06 against 2.25, fp8 1.96 against 2.17. At qkv, o and down shapes, and at
-    64 rows, it was slower than Pallas (o and down 1.5-1.8x: their 32 column blocks of 128 leave each block
+    64 rows, it was slower than Pallas (o and down 1.2-1.8x: their 32 column blocks of 128 leave each block
     too few bytes in flight), so those stay with Pallas.
     """
     kind = jnp.dtype(dtype)
